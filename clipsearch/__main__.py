@@ -1,0 +1,5 @@
+"""`python -m clipsearch` is the `clipsearch` command."""
+
+from clipsearch.cli import main
+
+main()

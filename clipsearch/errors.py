@@ -1,0 +1,42 @@
+"""The exceptions clipsearch raises.
+
+Every message is one sentence a person can act on; the CLI and the UI print it as it is, never a traceback.
+
+    ClipsearchError
+    ├── LibraryError          the library folder is missing, locked, corrupt or from another model
+    │   ├── ModelMismatchError
+    │   └── LibraryLockedError
+    ├── ModelError            the model spec is unknown or its weights cannot be found
+    ├── QueryError            a query is empty, malformed, or names an image that cannot be read
+    └── IndexFileError        the FAISS index file is unreadable (it can always be rebuilt)
+"""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Base class: anything clipsearch raises on purpose."""
+
+
+class LibraryError(ClipsearchError):
+    """The library folder cannot be used as asked."""
+
+
+class ModelMismatchError(LibraryError):
+    """The library was built with a different model than the one requested."""
+
+
+class LibraryLockedError(LibraryError):
+    """Another process is writing to the library."""
+
+
+class ModelError(ClipsearchError):
+    """The model cannot be loaded."""
+
+
+class QueryError(ClipsearchError):
+    """The query cannot be run."""
+
+
+class IndexFileError(ClipsearchError):
+    """The FAISS index file cannot be read; `clipsearch doctor --repair` rebuilds it from stored vectors."""

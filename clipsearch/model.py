@@ -1,0 +1,223 @@
+"""The CLIP model: which one, loading it through open_clip, and turning pixels and text into unit vectors.
+
+A model is named by a *spec*, exactly as open_clip's factory names it:
+
+- a built-in architecture with a pretrained tag: ``ViT-B-32-256`` + ``datacomp_s34b_b86k``;
+- ``hf-hub:org/repo``: config and weights from the Hugging Face Hub (or its local cache);
+- ``local-dir:/path``: a folder holding ``open_clip_config.json`` and ``open_clip_model.safetensors``.
+
+Preprocessing is split in two so that the expensive half runs in decode workers: ``PixelTransform`` (resize +
+centre crop, Pillow only, picklable) gives uint8 pixels; the encoder converts them to floats and normalises on
+the model's device, which keeps host-to-device copies four times smaller than float tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipsearch.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
+# ViT-B-32 at 256 px trained on DataComp-1B: about the zero-shot quality of ViT-B-16 at ViT-B-32's speed, which is
+# what a CPU-only laptop indexing tens of thousands of photos needs.
+DEFAULT_MODEL_NAME = "ViT-B-32-256"
+DEFAULT_PRETRAINED = "datacomp_s34b_b86k"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: an open_clip name (possibly with a schema) and, for built-ins, a pretrained tag."""
+
+    name: str
+    pretrained: str | None = None
+
+    @classmethod
+    def parse(cls, name: str | None, pretrained: str | None = None) -> ModelSpec:
+        """Normalise user input: local folders become absolute, built-ins get the default tag."""
+        if not name:
+            return cls(DEFAULT_MODEL_NAME, pretrained or DEFAULT_PRETRAINED)
+        if name.startswith(LOCAL_DIR):
+            folder = Path(name[len(LOCAL_DIR) :]).expanduser().resolve()
+            return cls(f"{LOCAL_DIR}{folder}", None)
+        if name.startswith(HF_HUB):
+            return cls(name, None)
+        if pretrained is None and name == DEFAULT_MODEL_NAME:
+            pretrained = DEFAULT_PRETRAINED
+        return cls(name, pretrained)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name": self.name, "pretrained": self.pretrained}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(str(data["name"]), data.get("pretrained"))
+
+
+def choose_device(requested: str | None = None) -> str:
+    """``cuda`` when available (or asked for), else ``cpu``; a clear error for a device that is not there."""
+    import torch
+
+    if requested in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    assert requested is not None
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"Device {requested!r} was requested but no CUDA GPU is available; use --device cpu.")
+    if requested.startswith("mps") and not torch.backends.mps.is_available():
+        raise ModelError(f"Device {requested!r} was requested but Apple's MPS is not available; use --device cpu.")
+    if not requested.startswith(("cpu", "cuda", "mps")):
+        raise ModelError(f"Unknown device {requested!r}; use cpu, cuda, cuda:N or mps.")
+    return requested
+
+
+class PixelTransform:
+    """The geometric half of the model's preprocessing (resize + crop) as Pillow ops: PIL image in, uint8 out.
+
+    It is open_clip's own eval transform minus its last two steps (to-tensor and normalise), so indexing and
+    queries see exactly the pixels open_clip would feed the model. Picklable, for decode worker processes.
+    """
+
+    def __init__(self, geometric_steps: Any, size: int) -> None:
+        self.steps = geometric_steps
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = self.steps(image.convert("RGB"))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+class ClipModel:
+    """A loaded open_clip model on one device, encoding images and texts into L2-normalised float32 vectors."""
+
+    def __init__(self, spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
+        import torch
+
+        self.spec = spec
+        self.device = device
+        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self._model = model
+        self._tokenizer = tokenizer
+        self.pixel_transform, self._mean, self._std = _split_preprocess(preprocess, device)
+        self.image_size = self.pixel_transform.size
+        self.dim = int(self.encode_texts(["a photo"]).shape[1])
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str | None = None) -> ClipModel:
+        device = choose_device(device)
+        model, preprocess, tokenizer = _load_open_clip(spec, device)
+        return cls(spec, model, preprocess, tokenizer, device)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 pixels from ``pixel_transform`` → (B, dim) unit vectors."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.startswith("cuda"):
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            floats = batch.permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
+            floats = (floats - self._mean) / self._std
+            return _unit_rows(self._model.encode_image(floats))
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images (any mode/size) → (B, dim) unit vectors."""
+        return self.encode_pixels(np.stack([self.pixel_transform(im) for im in images]))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts → (N, dim) unit vectors."""
+        import torch
+
+        tokens = self._tokenizer(texts).to(self.device)
+        with torch.inference_mode():
+            return _unit_rows(self._model.encode_text(tokens))
+
+
+def _unit_rows(features: torch.Tensor) -> np.ndarray:
+    vectors = features.float().cpu().numpy()
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _split_preprocess(preprocess: Any, device: str) -> tuple[PixelTransform, Any, Any]:
+    """Separate open_clip's Compose into (geometric steps, mean, std)."""
+    import torch
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = list(preprocess.transforms)
+    normalize = steps[-1]
+    if not isinstance(normalize, Normalize) or not isinstance(steps[-2], ToTensor):
+        raise ModelError("This model's preprocessing is not resize, crop, to-tensor, normalise; it is not supported.")
+    geometric = Compose(steps[:-2])
+    size = int(np.asarray(geometric(_probe_image())).shape[0])
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(normalize.mean, device=device).reshape(shape)
+    std = torch.tensor(normalize.std, device=device).reshape(shape)
+    return PixelTransform(geometric, size), mean, std
+
+
+def _probe_image() -> Image.Image:
+    from PIL import Image
+
+    return Image.new("RGB", (640, 480))
+
+
+def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
+    import open_clip
+
+    _check_known(spec)
+    precision = "fp16" if device.startswith("cuda") else "fp32"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=spec.pretrained, device=device, precision=precision
+        )
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(_missing_weights_message(spec)) from exc
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+def _check_known(spec: ModelSpec) -> None:
+    import open_clip
+
+    if spec.name.startswith(LOCAL_DIR):
+        folder = Path(spec.name[len(LOCAL_DIR) :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelError(f"{folder} is not a model folder: it has no open_clip_config.json.")
+        return
+    if spec.name.startswith(HF_HUB):
+        return
+    if spec.name not in open_clip.list_models():
+        raise ModelError(
+            f"Unknown model {spec.name!r}: use a name from open_clip.list_models(), hf-hub:org/repo or local-dir:/path."
+        )
+    tags = open_clip.list_pretrained_tags_by_model(spec.name)
+    if spec.pretrained and spec.pretrained not in tags and not Path(spec.pretrained).is_file():
+        raise ModelError(
+            f"Model {spec.name} has no pretrained weights tagged {spec.pretrained!r}; known tags: {', '.join(tags)}."
+        )
+
+
+def _missing_weights_message(spec: ModelSpec) -> str:
+    offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return (
+        f"The weights of model {spec} could not be loaded: they are not in the local Hugging Face cache and could "
+        f"not be downloaded{offline}. Run clipsearch once with a network connection so open_clip can download them "
+        "into the cache (~/.cache/huggingface, or $HF_HOME), or point to weights you already have: "
+        "--model local-dir:/path/to/folder (with open_clip_config.json and open_clip_model.safetensors), "
+        "--model hf-hub:org/repo (found in the local cache when HF_HUB_OFFLINE=1), or "
+        "--model NAME --pretrained /path/to/weights.bin."
+    )
