@@ -1,0 +1,299 @@
+"""The `clipsearch` command. Thin: parse options, call the library, print. Errors become one sentence on stderr
+and a non-zero exit; progress goes to stderr so `--json` output on stdout stays clean."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clipsearch.errors import ClipsearchError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class Group(click.Group):
+    """Turns clipsearch's own exceptions into one clear sentence and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClipsearchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--library, --model and --pretrained, accepted before or after the command name."""
+    command = click.option(
+        "--pretrained", envvar="CLIPSEARCH_PRETRAINED", help="Pretrained tag for a built-in model name."
+    )(command)
+    command = click.option(
+        "--model",
+        envvar="CLIPSEARCH_MODEL",
+        help="open_clip model: NAME (with --pretrained), hf-hub:org/repo or local-dir:/path.",
+    )(command)
+    return click.option(
+        "--library",
+        envvar="CLIPSEARCH_LIBRARY",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Library folder (default: $CLIPSEARCH_LIBRARY, else the user data folder).",
+    )(command)
+
+
+def _settings(ctx: click.Context, library: Path | None, model: str | None, pretrained: str | None) -> dict[str, Any]:
+    parent = ctx.find_root().obj or {}
+    return {
+        "library": library or parent.get("library"),
+        "model": model or parent.get("model"),
+        "pretrained": pretrained or parent.get("pretrained"),
+    }
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@common_options
+@click.version_option(package_name="clipsearch")
+@click.pass_context
+def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained: str | None) -> None:
+    """Semantic search for your photos: index folders once, then find pictures by describing them."""
+    ctx.obj = {"library": library, "model": model, "pretrained": pretrained}
+
+
+# --- index --------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@common_options
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default: 32 CPU, 256 GPU).")
+@click.option("--workers", type=click.IntRange(0, 256), help="Decode processes (0 = decode in this process).")
+@click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option("--wait", type=float, default=0.0, help="Seconds to wait for another writer to finish.")
+@click.option("--rebuild-index", is_flag=True, help="Also rebuild the FAISS index from the stored vectors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@click.pass_context
+def index(ctx: click.Context, paths: tuple[Path, ...], as_json: bool, rebuild_index: bool, **options: Any) -> None:
+    """Add the photos under PATHS to the library (incremental: only new or changed files are encoded)."""
+    from clipsearch.cli_progress import IndexProgress
+    from clipsearch.indexer.pipeline import IndexOptions, index_folders
+
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    library = _create_library(settings["library"])
+    stop = _stop_on_first_ctrl_c()
+    with IndexProgress() as progress:
+        report = index_folders(
+            library, paths, model=_spec(settings), options=IndexOptions(**options), progress=progress, stop=stop
+        )
+    if rebuild_index:
+        _rebuild(library, settings)
+    _print_index_report(report, as_json)
+    if report.interrupted:
+        click.echo("Stopped after the last committed batch; run the same command again to resume.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _stop_on_first_ctrl_c() -> threading.Event:
+    """First Ctrl-C: finish the batch in hand, commit, stop. Second Ctrl-C: stop at once."""
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        click.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _print_index_report(report: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    for path, reason in report.failures[:20]:
+        click.echo(f"  skipped {path}: {reason}", err=True)
+    if len(report.failures) > 20:
+        click.echo(f"  ... and {len(report.failures) - 20} more (see `clipsearch stats`)", err=True)
+    click.echo(_summary_line(report))
+
+
+def _summary_line(report: Any) -> str:
+    if not (report.new or report.changed or report.moved or report.deleted or report.failures):
+        return f"Nothing to encode: all {report.unchanged} images are up to date."
+    parts = [
+        f"{report.encoded} encoded ({report.new} new, {report.changed} changed)",
+        f"{report.moved} moved",
+        f"{report.deleted} removed",
+        f"{report.unchanged} unchanged",
+        f"{len(report.failures)} errors",
+    ]
+    speed = ""
+    if report.encoded:
+        speed = f"; {report.encode_ips:.1f} images/s encode, {report.decode_ips:.1f} images/s decode"
+    return f"Done in {report.elapsed:.1f}s: " + ", ".join(parts) + speed + "."
+
+
+# --- search -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("query", required=False)
+@common_options
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Query image (repeatable).")
+@click.option("--image-weight", type=float, default=1.0, show_default=True, help="Weight of the query image(s).")
+@click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many results (paging).")
+@click.option("--folder", type=click.Path(path_type=Path), help="Only photos under this folder.")
+@click.option("--after", help="Only photos taken on or after this date (YYYY-MM-DD).")
+@click.option("--before", help="Only photos taken on or before this date (YYYY-MM-DD).")
+@click.option("--camera", help="Only photos whose camera make or model contains this text.")
+@click.option("--format", "formats", multiple=True, help="Only this file format, e.g. JPEG (repeatable).")
+@click.option("--min-score", type=float, help="Only results with at least this cosine similarity.")
+@click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
+@click.pass_context
+def search(ctx: click.Context, query: str | None, images: tuple[Path, ...], as_json: bool, **options: Any) -> None:
+    """Find photos by text ("a red car -night 2:rain"), by --image, or both; best first with cosine scores."""
+    from clipsearch.searcher import Searcher
+
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    searcher = Searcher(settings["library"], model=settings["model"], pretrained=settings["pretrained"],
+                        device=options.pop("device"))
+    results = searcher.query(query, image=[str(p) for p in images] or None, **options)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
+        return
+    if not results:
+        click.echo("No results.", err=True)
+    for result in results:
+        click.echo(f"{result.score:.4f}  {result.path}")
+
+
+# --- stats, reindex, ui -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """How many photos are indexed, which failed and why, formats, model and index."""
+    from clipsearch.searcher import Searcher
+
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    facts = Searcher(settings["library"], model=settings["model"], pretrained=settings["pretrained"]).stats()
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, ensure_ascii=False))
+        return
+    click.echo(_format_stats(facts))
+
+
+def _format_stats(facts: dict[str, Any]) -> str:
+    lines = [
+        f"library:  {facts['library']}",
+        f"model:    {facts['model']} ({facts['dim']}-d)",
+        f"indexed:  {facts['indexed']}",
+        f"formats:  " + ", ".join(f"{k} {v}" for k, v in facts["by_format"].items()),
+        f"errors:   {facts['errors']}",
+    ]
+    lines += [f"  {e['path']}: {e['reason']}" for e in facts["error_list"][:50]]
+    index_facts = facts.get("index") or {}
+    if index_facts:
+        lines.append("index:    " + ", ".join(f"{k}={v}" for k, v in index_facts.items()))
+    return "\n".join(lines)
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def reindex(ctx: click.Context, **options: Any) -> None:
+    """Rebuild the FAISS index from the stored vectors (nothing is re-encoded)."""
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    from clipsearch.library import Library
+
+    index_facts = _rebuild(Library.open(settings["library"]), settings)
+    click.echo(f"Rebuilt the index: {index_facts}.")
+
+
+def _rebuild(library: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    from clipsearch.sync import refresh_index
+
+    with library.writer_lock():
+        spec = library.resolve_model(_spec(settings))
+        encoder = _lazy_text_encoder(spec)
+        index = refresh_index(library, encoder, rebuild=True)
+    return index.describe() if index is not None else {}
+
+
+def _lazy_text_encoder(spec: Any) -> Callable[[list[str]], Any]:
+    """The text encoder is needed only to tune an approximate index; load the model only then."""
+    from clipsearch.model import ClipModel
+
+    return lambda texts: ClipModel.load(spec).encode_texts(texts)
+
+
+@cli.command()
+@common_options
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--max-upload-mb", type=click.IntRange(1, 2000), default=20, show_default=True)
+@click.pass_context
+def ui(ctx: click.Context, port: int, host: str, max_upload_mb: int, **options: Any) -> None:
+    """Open the search page in the browser (a local Streamlit server)."""
+    import subprocess
+
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    import clipsearch.ui
+
+    app = Path(clipsearch.ui.__file__).resolve().parent / "app.py"
+    env = _ui_environment(settings, max_upload_mb)
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.maxUploadSize", str(max_upload_mb)]
+    click.echo(f"clipsearch is at http://{host}:{port}  (Ctrl-C to stop)", err=True)
+    raise SystemExit(subprocess.call(command, env=env))
+
+
+def _ui_environment(settings: dict[str, Any], max_upload_mb: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, name in (("library", "CLIPSEARCH_LIBRARY"), ("model", "CLIPSEARCH_MODEL"),
+                      ("pretrained", "CLIPSEARCH_PRETRAINED")):
+        if settings[key]:
+            env[name] = str(settings[key])
+    env["CLIPSEARCH_MAX_UPLOAD_MB"] = str(max_upload_mb)
+    return env
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _spec(settings: dict[str, Any]) -> Any:
+    from clipsearch.model import ModelSpec
+
+    return ModelSpec.parse(settings["model"], settings["pretrained"]) if settings["model"] else None
+
+
+def _create_library(path: Path | None) -> Any:
+    from clipsearch.library import Library
+
+    return Library.create(path)
+
+
+def main() -> None:
+    # open_clip and huggingface_hub log download retries on the root logger; our errors say it in one sentence.
+    logging.basicConfig(level=logging.CRITICAL if not os.environ.get("CLIPSEARCH_DEBUG") else logging.DEBUG)
+    cli()

@@ -1,0 +1,94 @@
+"""Keeping the FAISS index in step with SQLite.
+
+SQLite is the truth and the index a cache. Whoever opens the index compares its ids with the committed ids: it
+adds what is missing (from the stored vectors, never re-encoding) and removes what was deleted. A reader does
+this in memory; the writer also saves the result (atomically) so the next reader starts in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from clipsearch.errors import IndexFileError
+from clipsearch.index import VectorIndex, builtin_captions, choose_index
+from clipsearch.library import Library
+from clipsearch.vectors import VectorStore
+
+Progress = Callable[[str], None]
+
+
+def index_stamp(library: Library) -> tuple[int, int, int] | None:
+    """Identifies the saved index file (it is replaced by rename, so the inode changes on every save)."""
+    for path in sorted(library.index_dir.glob("*.faiss")):
+        stat = path.stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return None
+
+
+def load_synced_index(library: Library, previous: VectorIndex | None, reload: bool = True) -> VectorIndex | None:
+    """The saved index (or ``previous``), brought in step with SQLite in memory; built in memory if absent."""
+    ids = library.store.all_ids()
+    if len(ids) == 0:
+        return None
+    index = previous if previous is not None and not reload else _load_or_none(library)
+    if index is None:
+        return VectorIndex.build(library.vectors(), ids)
+    sync_index(index, library.vectors(), ids)
+    return index
+
+
+def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> bool:
+    """Add committed ids the index lacks, remove ids no longer committed; True when anything changed."""
+    present = index.ids()
+    missing = np.setdiff1d(ids, present, assume_unique=True)
+    extra = np.setdiff1d(present, ids, assume_unique=True)
+    if len(extra):
+        index.remove(extra)
+    if len(missing):
+        index.add(vectors, missing)
+    return bool(len(missing) or len(extra))
+
+
+def refresh_index(
+    library: Library,
+    text_encoder: Callable[[list[str]], np.ndarray] | None = None,
+    *,
+    rebuild: bool = False,
+    progress: Progress | None = None,
+) -> VectorIndex | None:
+    """Writer side: bring the saved index in step with SQLite, rebuilding it when the library outgrew it."""
+    ids = library.store.all_ids()
+    index = None if rebuild else _load_or_none(library)
+    if len(ids) == 0 and index is None:
+        return None
+    if index is None or index.needs_rebuild(len(ids)):
+        index = build_index(library, ids, text_encoder, progress)
+    elif not sync_index(index, library.vectors(), ids):
+        return index
+    index.save(library.index_dir)
+    return index
+
+
+def build_index(
+    library: Library,
+    ids: np.ndarray,
+    text_encoder: Callable[[list[str]], np.ndarray] | None,
+    progress: Progress | None = None,
+) -> VectorIndex:
+    """Build a fresh index from the stored vectors, with text-like tuning queries when the index is approximate."""
+    vectors = library.vectors()
+    plan = choose_index(len(ids), vectors.dim)
+    text_queries = None
+    if plan.kind != "flat" and text_encoder is not None:
+        text_queries = text_encoder(builtin_captions())
+    return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress)
+
+
+def _load_or_none(library: Library) -> VectorIndex | None:
+    """The saved index, or None when there is none or it cannot be read (it is rebuilt from vectors)."""
+    try:
+        return VectorIndex.load(library.index_dir)
+    except IndexFileError:
+        return None
