@@ -207,7 +207,7 @@ def _format_stats(facts: dict[str, Any]) -> str:
         f"library:  {facts['library']}",
         f"model:    {facts['model']} ({facts['dim']}-d)",
         f"indexed:  {facts['indexed']}",
-        f"formats:  " + ", ".join(f"{k} {v}" for k, v in facts["by_format"].items()),
+        "formats:  " + ", ".join(f"{k} {v}" for k, v in facts["by_format"].items()),
         f"errors:   {facts['errors']}",
     ]
     lines += [f"  {e['path']}: {e['reason']}" for e in facts["error_list"][:50]]
@@ -244,6 +244,37 @@ def _lazy_text_encoder(spec: Any) -> Callable[[list[str]], Any]:
     from clipsearch.model import ClipModel
 
     return lambda texts: ClipModel.load(spec).encode_texts(texts)
+
+
+@cli.command()
+@common_options
+@click.option("--repair", is_flag=True, help="Fix what is found (nothing stored is re-encoded).")
+@click.option("--json", "as_json", is_flag=True, help="Print {ok, problems, repaired} as JSON.")
+@click.pass_context
+def doctor(ctx: click.Context, repair: bool, as_json: bool, **options: Any) -> None:
+    """Check the library: rows, vectors, index and files agree; --repair fixes what it finds."""
+    from clipsearch import doctor as checks
+    from clipsearch.library import Library
+
+    settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
+    library = Library.open(settings["library"])
+    library.resolve_model(_spec(settings))
+    checkup = checks.repair(library) if repair else checks.check(library)
+    if as_json:
+        click.echo(json.dumps(checkup.to_dict(), indent=2))
+    else:
+        click.echo(_format_checkup(checkup, repair))
+    sys.exit(0 if checkup.ok else EXIT_ERROR)
+
+
+def _format_checkup(checkup: Any, repaired: bool) -> str:
+    lines = [f"repaired: {action}" for action in checkup.repaired]
+    lines += [f"problem: {p.message}" for p in checkup.problems]
+    if checkup.ok:
+        lines.append("The library is healthy.")
+    elif not repaired:
+        lines.append("Run `clipsearch doctor --repair` to fix these.")
+    return "\n".join(lines)
 
 
 @cli.command()

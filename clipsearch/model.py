@@ -205,6 +205,8 @@ def _check_known(spec: ModelSpec) -> None:
             f"Unknown model {spec.name!r}: use a name from open_clip.list_models(), hf-hub:org/repo or local-dir:/path."
         )
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
+    if not spec.pretrained:
+        raise ModelError(f"Model {spec.name} needs --pretrained TAG; known tags: {', '.join(tags) or 'none'}.")
     if spec.pretrained and spec.pretrained not in tags and not Path(spec.pretrained).is_file():
         raise ModelError(
             f"Model {spec.name} has no pretrained weights tagged {spec.pretrained!r}; known tags: {', '.join(tags)}."

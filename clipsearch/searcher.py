@@ -16,7 +16,6 @@ from clipsearch.query import Term, combine, parse_query
 from clipsearch.store import Filters
 
 if TYPE_CHECKING:
-    from PIL import Image
 
     from clipsearch.index import VectorIndex
 

@@ -67,8 +67,19 @@ def refresh_index(
         index = build_index(library, ids, text_encoder, progress)
     elif not sync_index(index, library.vectors(), ids):
         return index
-    index.save(library.index_dir)
+    save_index(library, index)
     return index
+
+
+def save_index(library: Library, index: VectorIndex) -> None:
+    """Save atomically; on failure (a full disk) the previous index file is untouched and still used."""
+    try:
+        index.save(library.index_dir)
+    except OSError as exc:
+        raise IndexFileError(
+            f"Could not save the index ({exc.strerror or exc}); the previous index is still in place, "
+            "free some disk space and run `clipsearch reindex`."
+        ) from exc
 
 
 def build_index(

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
+import sqlalchemy.exc
 from clipsearch.indexer.crawl import CrawlProblem, FoundFile, crawl
 from clipsearch.indexer.plan import Plan, make_plan
 from clipsearch.indexer.workers import DecodedItem, decode_stream
+
+from clipsearch.errors import LibraryError
 from clipsearch.library import Library
 from clipsearch.model import ClipModel, ModelSpec
 
@@ -208,13 +210,25 @@ def write_batch(
     """Vectors first (fsynced), then the rows pointing at them, in one transaction: a kill loses nothing
     committed and leaves at worst unreferenced vector rows, which later writes reuse."""
     store = library.store
-    with store.transaction() as conn:
-        ids = store.reserve_ids(len(records), conn)
-        if records and vectors is not None:
-            library.vectors().write(np.asarray(ids), vectors)
-            store.insert_images([{**r, "id": i} for r, i in zip(records, ids, strict=True)], conn)
-        store.record_errors(failures, conn)
+    try:
+        with store.transaction() as conn:
+            ids = store.reserve_ids(len(records), conn)
+            if records and vectors is not None:
+                library.vectors().write(np.asarray(ids), vectors)
+                store.insert_images([{**r, "id": i} for r, i in zip(records, ids, strict=True)], conn)
+            store.record_errors(failures, conn)
+    except (OSError, sqlalchemy.exc.OperationalError) as exc:
+        raise LibraryError(
+            f"Could not write to the library at {library.path} ({_reason(exc)}); nothing committed was lost, "
+            "free some disk space and run the same command again."
+        ) from exc
     return ids
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(getattr(exc, "orig", exc))
 
 
 def _refresh_index(library: Library, clip: ClipModel | None, report: IndexReport, notify: Progress) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from clipsearch.indexer.crawl import CrawlProblem, FoundFile
 from clipsearch.indexer.decode import content_hash
+
 from clipsearch.store import FileState
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from clipsearch.indexer.crawl import FoundFile
 from clipsearch.indexer.decode import DecodeFailure, decode_file
+
 from clipsearch.model import PixelTransform
 
 MAX_ATTEMPTS = 2

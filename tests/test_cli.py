@@ -82,6 +82,6 @@ def test_errors_are_one_sentence_without_traceback(run_cli, shapes_folder, rando
 
 def test_every_command_has_help(run_cli):
     top = run_cli("--help").stdout
-    for command in ("index", "search", "stats", "reindex", "ui"):
+    for command in ("index", "search", "stats", "reindex", "doctor", "ui"):
         assert command in top
         assert "Usage:" in run_cli(command, "--help").stdout

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipsearch.indexer.pipeline import IndexOptions, index_folders
 
 from clipsearch import Searcher
 from clipsearch.errors import ModelMismatchError, QueryError
-from clipsearch.indexer.pipeline import IndexOptions, index_folders
 from clipsearch.library import Library
 from clipsearch.model import ModelSpec
 from clipsearch.tinyclip import draw_shape

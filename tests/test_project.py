@@ -51,7 +51,10 @@ def test_heavy_libraries_are_imported_inside_functions():
 
 
 def test_help_answers_without_loading_heavy_libraries():
-    code = "import sys; from clipsearch.cli import cli; print(sorted(m for m in ('torch', 'faiss', 'open_clip') if m in sys.modules))"
+    code = (
+        "import sys; from clipsearch.cli import cli; "
+        "print(sorted(m for m in ('torch', 'faiss', 'open_clip') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
