@@ -50,7 +50,7 @@ class Library:
     @classmethod
     def open(cls, path: Path | str | None = None) -> Library:
         """Open an existing library; a clear error when there is none."""
-        folder = Path(path).expanduser() if path else default_library_path()
+        folder = (Path(path).expanduser() if path else default_library_path()).absolute()
         if not (folder / DB_NAME).is_file():
             raise LibraryError(f"There is no clipsearch library at {folder}; run `clipsearch index FOLDER` first.")
         library = cls(folder)
@@ -60,7 +60,7 @@ class Library:
     @classmethod
     def create(cls, path: Path | str | None = None) -> Library:
         """Open the library at ``path``, creating the folder and database when needed."""
-        folder = Path(path).expanduser() if path else default_library_path()
+        folder = (Path(path).expanduser() if path else default_library_path()).absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"The library path {folder} is a file, not a folder.")
         folder.mkdir(parents=True, exist_ok=True)
