@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
 from clipsearch.errors import IndexFileError
 from clipsearch.library import Library
@@ -145,9 +144,7 @@ def _sample_self_search(index: Any, library: Library, ids: np.ndarray) -> list[P
 
 
 def _check_files(library: Library) -> list[Problem]:
-    query = sa.select(sa.column("id"), sa.column("path")).select_from(sa.table("images"))
-    with library.store.engine.connect() as conn:
-        gone = [int(i) for i, path in conn.execute(query) if not os.path.exists(path)]
+    gone = [image_id for image_id, path in library.store.id_paths() if not os.path.exists(path)]
     if not gone:
         return []
     return [Problem("missing-file", f"{len(gone)} indexed files no longer exist on disk.", gone)]

@@ -48,7 +48,7 @@ class Library:
         self._vectors: VectorStore | None = None
 
     @classmethod
-    def open(cls, path: Path | str | None = None) -> Library:
+    def open(cls, path: str | os.PathLike[str] | None = None) -> Library:
         """Open an existing library; a clear error when there is none."""
         folder = (Path(path).expanduser() if path else default_library_path()).absolute()
         if not (folder / DB_NAME).is_file():
@@ -58,7 +58,7 @@ class Library:
         return library
 
     @classmethod
-    def create(cls, path: Path | str | None = None) -> Library:
+    def create(cls, path: str | os.PathLike[str] | None = None) -> Library:
         """Open the library at ``path``, creating the folder and database when needed."""
         folder = (Path(path).expanduser() if path else default_library_path()).absolute()
         if folder.exists() and not folder.is_dir():

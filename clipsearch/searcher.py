@@ -212,7 +212,7 @@ class Searcher:
 
 
 def _result_from_row(row: dict[str, Any], score: float) -> Result:
-    fields = {name: row.get(name) for name in Result.__dataclass_fields__ if name != "score"}
+    fields: dict[str, Any] = {name: row.get(name) for name in Result.__dataclass_fields__ if name != "score"}
     return Result(score=score, **fields)
 
 

@@ -258,6 +258,11 @@ class Store:
                     found[row["id"]] = dict(row)
         return found
 
+    def id_paths(self) -> list[tuple[int, str]]:
+        """(id, path) of every indexed image."""
+        with self.engine.connect() as conn:
+            return [(int(i), str(p)) for i, p in conn.execute(sa.select(images.c.id, images.c.path))]
+
     def image_by_path(self, path: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(images).where(images.c.path == path)).mappings().first()
