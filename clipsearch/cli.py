@@ -3,6 +3,7 @@ and a non-zero exit; progress goes to stderr so `--json` output on stdout stays 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,19 +36,27 @@ class Group(click.Group):
             sys.exit(EXIT_INTERRUPTED)
 
 
-def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--library, --model and --pretrained, accepted before or after the command name."""
+def common_options(command: Callable[..., Any], *, from_environment: bool = False) -> Callable[..., Any]:
+    """--library, --model and --pretrained, accepted before or after the command name.
+
+    Only the group reads the environment variables: a command's own option then means "given after the command
+    name", and wins over the group's value, which is either given before the name or taken from the environment.
+    """
+
+    def env(name: str) -> str | None:
+        return name if from_environment else None
+
     command = click.option(
-        "--pretrained", envvar="CLIPSEARCH_PRETRAINED", help="Pretrained tag for a built-in model name."
+        "--pretrained", envvar=env("CLIPSEARCH_PRETRAINED"), help="Pretrained tag for a built-in model name."
     )(command)
     command = click.option(
         "--model",
-        envvar="CLIPSEARCH_MODEL",
+        envvar=env("CLIPSEARCH_MODEL"),
         help="open_clip model: NAME (with --pretrained), hf-hub:org/repo or local-dir:/path.",
     )(command)
     return click.option(
         "--library",
-        envvar="CLIPSEARCH_LIBRARY",
+        envvar=env("CLIPSEARCH_LIBRARY"),
         type=click.Path(file_okay=False, path_type=Path),
         help="Library folder (default: $CLIPSEARCH_LIBRARY, else the user data folder).",
     )(command)
@@ -63,7 +72,7 @@ def _settings(ctx: click.Context, library: Path | None, model: str | None, pretr
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@common_options
+@functools.partial(common_options, from_environment=True)
 @click.version_option(package_name="clipsearch")
 @click.pass_context
 def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained: str | None) -> None:

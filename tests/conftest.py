@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Before anything imports huggingface_hub, which reads this once at import: no test may reach for the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = REPO / "data" / "tiny-clip"
 SAMPLE_PHOTOS = REPO / "data" / "photos"

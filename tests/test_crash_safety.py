@@ -107,7 +107,8 @@ def test_a_second_writer_is_refused_clearly(tmp_path, run_cli, shapes_folder, ra
     run_cli("index", str(shapes_folder), model=random_model)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from clipsearch.library import Library;"
-         "Library.open(sys.argv[1]).writer_lock().__enter__(); print('held', flush=True); time.sleep(60)",
+         "lock = Library.open(sys.argv[1]).writer_lock(); lock.__enter__(); print('held', flush=True); "
+         "time.sleep(60)",
          str(library_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -164,15 +165,27 @@ def test_corrupt_database_is_explained(library_dir, shapes_folder, random_model,
         assert "Traceback" not in result.stderr
 
 
+FILE_SIZE_LIMIT = 96 * 1024  # above SQLite's 32 KiB WAL index, below the index file of the wide model
+
+
 def _limit_file_size() -> None:
-    """Writes past 4 KiB fail as on a full disk (EFBIG instead of ENOSPC), for this process only."""
+    """Writes past FILE_SIZE_LIMIT fail as on a full disk (EFBIG instead of ENOSPC), for this process only."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024, 4 * 1024))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
 
 
-def test_disk_full_while_writing_the_index_keeps_the_old_one(library_dir, corpus, random_model, run_cli):
-    run_cli("index", str(corpus), model=random_model)
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> str:
+    """1024-d embeddings, so 48 photos make an index file of ~200 KiB that cannot be written under the limit."""
+    from clipsearch.tinyclip import random_init_dir
+
+    return f"local-dir:{random_init_dir(tmp_path_factory.mktemp('wide-model'), seed=2, embed_dim=1024)}"
+
+
+def test_disk_full_while_writing_the_index_keeps_the_old_one(library_dir, corpus, wide_model, run_cli):
+    run_cli("index", str(corpus), model=wide_model)
     before = {p.name: p.read_bytes() for p in (library_dir / "index").iterdir()}
+    assert sum(len(data) for data in before.values()) > FILE_SIZE_LIMIT
     env = {**os.environ, "CLIPSEARCH_LIBRARY": str(library_dir)}
     result = subprocess.run([*clipsearch_command(), "reindex"], env=env, capture_output=True, text=True,
                             preexec_fn=_limit_file_size, timeout=120)
