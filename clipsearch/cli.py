@@ -303,6 +303,7 @@ def ui(ctx: click.Context, port: int, host: str, max_upload_mb: int, **options: 
     env = _ui_environment(settings, max_upload_mb)
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
                "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "viewer",
                "--server.maxUploadSize", str(max_upload_mb)]
     click.echo(f"clipsearch is at http://{host}:{port}  (Ctrl-C to stop)", err=True)
     raise SystemExit(subprocess.call(command, env=env))
