@@ -65,7 +65,9 @@ class Library:
             raise LibraryError(f"The library path {folder} is a file, not a folder.")
         folder.mkdir(parents=True, exist_ok=True)
         library = cls(folder)
-        library.store.migrate()
+        if library.store.schema_version() < SCHEMA_VERSION:
+            with library.writer_lock(wait=60):  # two first runs at once must not both create the tables
+                library.store.migrate()
         return library
 
     def close(self) -> None:
@@ -147,12 +149,18 @@ class Library:
 
     def _check_schema(self) -> None:
         version = self.store.schema_version()
+        if version == 0:  # the file exists but its first migration has not committed: a writer is creating it
+            raise LibraryError(
+                f"The library at {self.path} is not set up yet (an index run may be creating it right now); "
+                "wait for it, or run `clipsearch index FOLDER`."
+            )
         if version > SCHEMA_VERSION:
             raise LibraryError(
                 f"The library at {self.path} was written by a newer clipsearch (schema {version}); upgrade clipsearch."
             )
         if version < SCHEMA_VERSION:
-            self.store.migrate()
+            with self.writer_lock(wait=60):  # one migrator at a time; a second finds nothing left to do
+                self.store.migrate()
 
 
 def _open_store(db_path: Path) -> Store:

@@ -3,6 +3,7 @@ damaged files and a full disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import clipsearch_command
-from hostile import OK, SKIPPED, make_hostile_corpus, restore_permissions
+from hostile import OK, SKIPPED, make_hostile_corpus, photo_like, restore_permissions
 
-from clipsearch import Searcher
+from clipsearch import LibraryError, Searcher
 from clipsearch.library import Library
 
 
@@ -74,6 +75,35 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path, corpus, random_model, 
         np.testing.assert_allclose(actual[path], vector, atol=1e-5)
     doctor = json.loads(run_cli("doctor", "--json", "--library", str(killed), check=False).stdout)
     assert doctor["ok"], doctor["problems"]
+
+
+def test_ctrl_c_stops_after_the_batch_in_hand_and_the_next_run_resumes(tmp_path, random_model, run_cli, library_dir):
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for n in range(120):
+        photo_like(512, 384, seed=n).save(photos / f"{n:03}.png")
+    process = start_index(library_dir, photos, random_model, "--batch-size", "1", "--workers", "0")
+    committed = _wait_for_committed_rows(library_dir, process)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    stopped_at = Library.open(library_dir).store.count_images()
+    assert committed <= stopped_at < 120
+    resumed = json.loads(run_cli("index", str(photos), "--json", model=random_model).stdout)
+    assert resumed["encoded"] == 120 - stopped_at and resumed["unchanged"] == stopped_at
+
+
+def _wait_for_committed_rows(library_dir: Path, process: subprocess.Popen[str], timeout: float = 120) -> int:
+    """Poll the database (as any reader may, WAL mode) until the running index has committed a batch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(LibraryError):  # the writer may still be creating the database
+            count = Library.open(library_dir).store.count_images()
+            if count:
+                return count
+        time.sleep(0.01)
+    raise AssertionError(f"no batch was committed (exit code {process.poll()})")
 
 
 def test_hostile_files_are_recorded_and_indexing_goes_on(tmp_path, run_cli, random_model):
