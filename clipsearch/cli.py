@@ -84,7 +84,8 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+# A root that does not exist is a typo (or an unmounted disk): refuse it before anything in the library changes.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @common_options
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")

@@ -73,11 +73,16 @@ def test_errors_are_one_sentence_without_traceback(run_cli, shapes_folder, rando
     no_library = run_cli("search", "a cat", "--library", str(tmp_path / "nothing"), check=False)
     assert no_library.returncode != 0 and "no clipsearch library" in no_library.stderr
     run_cli("index", str(shapes_folder), model=random_model)
-    for args in (["search"], ["search", "cat", "-k", "0"], ["search", "--image", str(tmp_path / "nope.jpg")],
-                 ["search", "cat", "--after", "yesterday"]):
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("not a picture")
+    for args in (["search"], ["search", "cat", "-k", "0"], ["search", "cat", "-k", "100000000"],
+                 ["search", "--image", str(tmp_path / "nope.jpg")], ["search", "--image", str(text_file)],
+                 ["search", "--image", str(tmp_path)], ["search", "cat", "--after", "yesterday"],
+                 ["search", "cat", "--model", f"local-dir:{tmp_path}"], ["index", str(tmp_path / "typo")]):
         result = run_cli(*args, check=False)
         assert result.returncode != 0, args
         assert "Traceback" not in result.stderr and result.stderr.strip(), args
+    assert run_cli("stats", "--json").stdout.count('"indexed": 18'), "nothing stored was lost"
 
 
 def test_every_command_has_help(run_cli):
