@@ -112,13 +112,15 @@ class Searcher:
     def query_vector(self, text: str | None = None, image: Any = None, *, image_weight: float = 1.0) -> tuple[
         np.ndarray, str
     ]:
-        """The unit query vector for text and/or images, and the query kind ("text" or "image")."""
+        """The unit query vector for text and/or images, and its kind ("text", "image" or "combined"), which
+        picks the index parameters tuned for such queries."""
         terms = parse_query(text) if text and text.strip() else []
         images = _as_list(image)
         if not terms and not images:
             raise QueryError("The query is empty: give some text, an image, or both.")
         vectors, weights = self._embed(terms, images, image_weight)
-        return combine(vectors, weights), ("text" if terms else "image")
+        kind = "combined" if terms and images else "text" if terms else "image"
+        return combine(vectors, weights), kind
 
     def search_vector(
         self,

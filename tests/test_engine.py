@@ -174,6 +174,15 @@ def test_scores_are_exact_cosines(library_dir, shapes_folder, random_model):
         assert result.score == pytest.approx(float(stored @ query), abs=1e-5)
 
 
+def test_each_query_says_its_kind_for_the_tuned_parameters(library_dir, shapes_folder, random_model):
+    index(library_dir, [shapes_folder], random_model)
+    searcher = Searcher(library_dir)
+    photo = next(shapes_folder.rglob("*.jpg"))
+    assert searcher.query_vector("a blue star")[1] == "text"
+    assert searcher.query_vector(image=photo)[1] == "image"
+    assert searcher.query_vector("a blue star", image=photo)[1] == "combined"
+
+
 def test_other_model_is_refused(library_dir, shapes_folder, random_model, other_model):
     index(library_dir, [shapes_folder], random_model)
     with pytest.raises(ModelMismatchError, match="built with model"):
