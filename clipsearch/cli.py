@@ -221,10 +221,21 @@ def _format_stats(facts: dict[str, Any]) -> str:
         f"errors:   {facts['errors']}",
     ]
     lines += [f"  {e['path']}: {e['reason']}" for e in facts["error_list"][:50]]
-    index_facts = facts.get("index") or {}
-    if index_facts:
-        lines.append("index:    " + ", ".join(f"{k}={v}" for k, v in index_facts.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + _format_index_facts(facts.get("index") or {}))
+
+
+def _format_index_facts(index_facts: dict[str, Any]) -> list[str]:
+    """The index's kind and size on one line, then each query kind's tuned parameters and measured recall."""
+    if not index_facts:
+        return ["index:    none yet"]
+    facts = dict(index_facts)
+    queries = facts.pop("queries", {})
+    head = f"index:    {facts.pop('kind')} ({facts.pop('factory')}), {facts.pop('ntotal')} vectors, " \
+           f"{facts.pop('bytes_per_vector')} bytes/vector"
+    lines = [head, "          " + ", ".join(f"{k}={v}" for k, v in facts.items())]
+    for kind, params in queries.items():
+        lines.append(f"  {kind + ' queries:':17} " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    return lines
 
 
 @cli.command()
