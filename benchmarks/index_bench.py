@@ -25,8 +25,12 @@ library) replaces the generated text queries: the first min(390, rows / 2) are p
 tuning, the rest are evaluated.
 
 Filtered queries: random id subsets keeping 0.1%, 1% and 10% of the library (like a folder or date filter that
-is unrelated to content), evaluated against exact search over the subset. `results_short` counts queries that
-returned fewer than k results although k photos pass the filter.
+is unrelated to content), evaluated against exact search over the subset. recall_at_10_filtered is the worst
+of the three for image-like queries (p50_ms_filtered their median latency over all three), the *_filtered_text
+fields the same for text-like queries. `results_short` counts queries of either kind that returned fewer than
+k results although k photos pass the filter. --switch timing (skip with --no-switch): for subsets of 256 ..
+65,536 random ids, the median latency of exact subset scoring and of the id-selector path, and the selector's
+recall@10 against the exact answer.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ from clipsearch.vectors import VectorStore  # noqa: E402
 K = 10
 CAPTION_QUERIES = 390
 SELECTIVITIES = (0.001, 0.01, 0.1)
-SWITCH_ROWS = (1024, 2048, 4096, 8192, 16384, 32768)
+SWITCH_ROWS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 CHUNK = 65536
+SWITCH_QUERIES = 200
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -177,23 +182,28 @@ def measure_flat_baseline(flat: object, queries: np.ndarray) -> dict[str, float]
 
 def measure_filtered(index: VectorIndex, store: VectorStore, queries: dict[str, np.ndarray], n: int,
                      seed: int) -> dict:
+    """Image-like queries give recall_at_10_filtered and p50_ms_filtered; text-like ones the *_text fields."""
     rng = np.random.default_rng(seed + 7)
-    detail, worst_recall, latencies, short = {}, 1.0, [], 0
+    detail: dict[str, dict] = {}
+    worst = {"image": 1.0, "text": 1.0}
+    latencies: dict[str, list[np.ndarray]] = {"image": [], "text": []}
+    short = 0
     for selectivity in SELECTIVITIES:
         allowed = np.sort(rng.choice(np.arange(1, n + 1), max(1, int(n * selectivity)), replace=False))
         detail[str(selectivity)] = {"allowed": len(allowed)}
         for kind in ("image", "text"):
             row = measure_subset(index, store, queries[kind], allowed, kind)
             detail[str(selectivity)][kind] = row
-            if kind == "image":
-                worst_recall = min(worst_recall, row["recall_at_10"])
-                latencies.append(row.pop("_latency"))
-            else:
-                row.pop("_latency")
+            worst[kind] = min(worst[kind], row["recall_at_10"])
+            latencies[kind].append(row.pop("_latency"))
             short += row["results_short"]
-    return {"recall_at_10_filtered": worst_recall,
-            "p50_ms_filtered": round(float(np.percentile(np.concatenate(latencies), 50)), 3),
-            "results_short": short, "filtered": detail}
+    result: dict = {}
+    for kind, suffix in (("image", ""), ("text", "_text")):
+        latency = np.concatenate(latencies[kind])
+        result[f"recall_at_10_filtered{suffix}"] = worst[kind]
+        result[f"p50_ms_filtered{suffix}"] = round(float(np.percentile(latency, 50)), 3)
+        result[f"p99_ms_filtered{suffix}"] = round(float(np.percentile(latency, 99)), 3)
+    return {**result, "results_short": short, "filtered": detail}
 
 
 def measure_subset(index: VectorIndex, store: VectorStore, queries: np.ndarray, allowed: np.ndarray,
@@ -218,11 +228,13 @@ def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.nda
     for size in (s for s in SWITCH_ROWS if s < n):
         allowed = np.sort(rng.choice(np.arange(1, n + 1), size, replace=False))
         row: dict[str, float] = {"rows": size}
-        for path, limit in (("exact_ms", n + 1), ("selector_ms", 0)):
+        found = {}
+        for path, limit in (("exact", n + 1), ("selector", 0)):
             index.params.exact_subset_max = limit
-            _, latency = timed_single_queries(
-                lambda q, a=allowed: index.search(q, K, store, allowed_ids=a), queries[:100])
-            row[path] = round(float(np.median(latency)), 3)
+            found[path], latency = timed_single_queries(
+                lambda q, a=allowed: index.search(q, K, store, allowed_ids=a), queries[:SWITCH_QUERIES])
+            row[f"{path}_ms"] = round(float(np.median(latency)), 3)
+        row["selector_recall_at_10"] = round(recall(found["selector"], found["exact"]), 4)
         rows.append(row)
     index.params.exact_subset_max = saved
     return rows
