@@ -279,8 +279,8 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool, **options: Any) -> N
 
     settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
     library = Library.open(settings["library"])
-    library.resolve_model(_spec(settings))
-    checkup = checks.repair(library) if repair else checks.check(library)
+    spec = library.resolve_model(_spec(settings))
+    checkup = checks.repair(library, _lazy_text_encoder(spec)) if repair else checks.check(library)
     if as_json:
         click.echo(json.dumps(checkup.to_dict(), indent=2))
     else:

@@ -10,6 +10,7 @@ rows.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +55,12 @@ def check(library: Library) -> Checkup:
     return checkup
 
 
-def repair(library: Library) -> Checkup:
-    """Fix what ``check`` finds, then check again; returns the second checkup with what was done."""
+def repair(library: Library, text_encoder: Callable[[list[str]], np.ndarray] | None = None) -> Checkup:
+    """Fix what ``check`` finds, then check again; returns the second checkup with what was done.
+
+    ``text_encoder`` (the library's model) tunes a rebuilt approximate index for text queries; without it the
+    tuning uses synthetic text-like queries.
+    """
     from clipsearch.sync import refresh_index
 
     found = check(library)
@@ -69,7 +74,7 @@ def repair(library: Library) -> Checkup:
         if _trim_vectors(library):
             done.append("trimmed vector rows that no image points at")
         if library.dim() is not None:
-            refresh_index(library, None, rebuild=True)
+            refresh_index(library, text_encoder, rebuild=True)
             done.append("rebuilt the index from the stored vectors")
     after = check(library)
     after.repaired = done

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipsearch.errors import IndexFileError
+from clipsearch.errors import IndexFileError, ModelError
 from clipsearch.index import VectorIndex, builtin_captions, choose_index
 from clipsearch.library import Library
 from clipsearch.vectors import VectorStore
@@ -93,8 +93,20 @@ def build_index(
     plan = choose_index(len(ids), vectors.dim)
     text_queries = None
     if plan.kind != "flat" and text_encoder is not None:
-        text_queries = text_encoder(builtin_captions())
+        text_queries = _caption_embeddings(text_encoder, progress)
     return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress)
+
+
+def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],
+                        progress: Progress | None) -> np.ndarray | None:
+    """The built-in captions through the library's text encoder; None (synthetic text-like queries are used for
+    tuning instead) when the model cannot be loaded, so an index can always be rebuilt without the weights."""
+    try:
+        return text_encoder(builtin_captions())
+    except ModelError as error:
+        if progress:
+            progress(f"tuning with synthetic text-like queries: {error}")
+        return None
 
 
 def _load_or_none(library: Library) -> VectorIndex | None:

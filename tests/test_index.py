@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import clipsearch.index as index_module
-from clipsearch.errors import IndexFileError
+from clipsearch.errors import IndexFileError, ModelError
 from clipsearch.index import (
     FLAT_MAX_BYTES,
     PARAMS_FILE,
@@ -480,6 +480,20 @@ def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(
     assert index.params.kind == "ivfpq"
     assert (index.params.query["text"].source, index.params.query["text"].queries) == ("caption embeddings",
                                                                                         len(asked[0]))
+
+
+def test_a_rebuild_without_the_model_weights_tunes_on_synthetic_text_queries(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
+    monkeypatch.setitem(TARGET_RECALL, "text", 0.5)  # synthetic queries here need not match this data's gap
+    library = make_library(tmp_path / "lib", PHOTOS.images(8000, seed=23))
+    said: list[str] = []
+
+    def weights_missing(captions: list[str]) -> np.ndarray:
+        raise ModelError("The weights of model X could not be loaded.")
+
+    index = build_index(library, library.store.all_ids(), weights_missing, progress=said.append)
+    assert index.params.query["text"].source == "synthetic text-like queries"
+    assert any("could not be loaded" in line for line in said)
 
 
 # ---------------------------------------------------------------------------------------- filtered search
