@@ -1,19 +1,23 @@
-"""One `index` run: crawl → plan → decode (worker processes) → encode (batches) → write (one transaction a batch).
+"""One `index` run: crawl → plan → decode (a pool) → encode (batches) → write (one transaction a batch).
 
     crawl ─▶ plan ─▶ files to encode ─▶ decode pool (bounded window) ─▶ batches ─▶ encoder ─▶ writer
                   └▶ moves, deletions: SQLite only, no encoding
 
-The decode pool runs ahead of the encoder by a bounded window of files, so the encoder never waits and memory
-stays bounded however large the library. Each batch is written in the order that survives a kill at any
-instant: vectors appended and fsynced, then the SQLite rows that point at them committed in one transaction.
-The FAISS index is brought in step at the end (it is a cache of the stored vectors).
+The decode pool runs ahead of the encoder by a bounded window of files, so the encoder finds its next batch
+ready and memory stays bounded however large the library. How many decoders of which kind, and how the cores
+are shared with the encoder, is `decode_plan`'s choice, measured in `benchmarks/README.md`. Each batch is
+written in the order that survives a kill at any instant: vectors appended and fsynced, then the SQLite rows
+that point at them committed in one transaction. The FAISS index is brought in step at the end (it is a cache
+of the stored vectors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +26,11 @@ import numpy as np
 import sqlalchemy.exc
 from clipsearch.indexer.crawl import CrawlProblem, FoundFile, crawl
 from clipsearch.indexer.plan import Plan, make_plan
-from clipsearch.indexer.workers import DecodedItem, decode_stream
+from clipsearch.indexer.workers import DecodedItem, PoolKind, decode_stream
 
 from clipsearch.errors import LibraryError
 from clipsearch.library import Library
-from clipsearch.model import ClipModel, ModelSpec
+from clipsearch.model import ClipModel, ModelSpec, PendingVectors
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -54,20 +58,24 @@ class IndexReport:
     deleted: int = 0
     unchanged: int = 0
     encoded: int = 0
+    decoded: int = 0  # files through the decoder, failures included
     known_errors: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) recorded this run
-    decode_seconds: float = 0.0  # summed over workers
-    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # CPU seconds, summed over workers
+    encode_seconds: float = 0.0  # the encoder's working time (on a GPU, GPU time)
+    encoding_elapsed: float = 0.0  # wall time from the first decode to the last batch written
     elapsed: float = 0.0
     workers: int = 0
+    decode_pool: str = ""  # "threads", "processes" or "in-process"
     interrupted: bool = False
     index_kind: str | None = None
 
     @property
     def decode_ips(self) -> float:
-        """Images decoded per second of one worker's time, times the number of workers."""
+        """What the decoders can do: files per CPU-second of decoding, times the number of workers (each with
+        a core to itself). On a CPU that shares its cores with the encoder, more than the run achieved."""
         per_worker = self.decode_seconds / max(self.workers, 1)
-        return self.encoded / per_worker if per_worker > 0 else 0.0
+        return self.decoded / per_worker if per_worker > 0 else 0.0
 
     @property
     def encode_ips(self) -> float:
@@ -165,19 +173,85 @@ def _encode_all(
     clip = ClipModel.load(spec, options.device)
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(clip.device)
-    workers = options.workers if options.workers is not None else default_workers(clip.device, len(plan.encode))
-    _set_torch_threads(clip.device, workers)
-    report.workers = workers
-    notify("encoding", {"total": len(plan.encode), "workers": workers, "batch_size": batch_size})
-    stream = decode_stream(plan.encode, clip.pixel_transform, clip.image_size, workers, window=4 * batch_size)
-    for batch in _batches(stream, batch_size):
-        _encode_and_write(library, clip, batch, report)
-        notify("batch", {"done": report.encoded, "errors": len(report.failures), "size": len(batch)})
+    decoding = decode_plan(clip.device, len(plan.encode), options.workers)
+    report.workers, report.decode_pool = decoding.workers, decoding.kind if decoding.workers else "in-process"
+    notify("encoding", {"total": len(plan.encode), "workers": decoding.workers, "batch_size": batch_size,
+                        "decode_pool": report.decode_pool})
+    started = time.perf_counter()
+    stream = decode_stream(plan.encode, clip.pixel_transform, clip.image_size, decoding.workers,
+                           window=4 * batch_size, kind=decoding.kind, niceness=decoding.niceness)
+    with _torch_threads(decoding.torch_threads), contextlib.closing(stream):
+        _run_batches(library, clip, _batches(stream, batch_size), report, _Rate(len(plan.encode), notify), stop)
+    report.encoding_elapsed = time.perf_counter() - started
+    return clip
+
+
+def _run_batches(
+    library: Library,
+    clip: ClipModel,
+    batches: Iterator[list[DecodedItem]],
+    report: IndexReport,
+    rate: _Rate,
+    stop: threading.Event,
+) -> None:
+    """Encode and write batch after batch. Where the encoder runs asynchronously (a GPU), batch n+1 is
+    queued before batch n is waited for and written, so the GPU is never idle while the host writes, gathers
+    and pins; elsewhere each batch is written as soon as it is encoded."""
+    in_hand: deque[_Encoding] = deque()
+    ahead = 1 if clip.encodes_asynchronously else 0
+    for batch in batches:
+        in_hand.append(_start(clip, batch))
+        if len(in_hand) > ahead:
+            _finish(library, in_hand.popleft(), report, rate)
         if stop.is_set():
             report.interrupted = True
             break
-    stream.close()
-    return clip
+    while in_hand:
+        _finish(library, in_hand.popleft(), report, rate)
+
+
+@dataclass
+class _Encoding:
+    batch: list[DecodedItem]
+    vectors: PendingVectors | None  # None when no file of the batch could be decoded
+
+
+def _start(clip: ClipModel, batch: list[DecodedItem]) -> _Encoding:
+    pixels = [item.pixels for item in batch if item.pixels is not None]
+    return _Encoding(batch, clip.start_encoding(pixels) if pixels else None)
+
+
+def _finish(library: Library, encoding: _Encoding, report: IndexReport, rate: _Rate) -> None:
+    batch = encoding.batch
+    good = [item for item in batch if item.pixels is not None]
+    failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
+                if i.pixels is None]
+    vectors = encoding.vectors.result() if encoding.vectors is not None else None
+    report.encode_seconds += encoding.vectors.seconds if encoding.vectors is not None else 0.0
+    write_batch(library, [i.record for i in good if i.record is not None], vectors, failures)
+    report.encoded += len(good)
+    report.decoded += len(batch)
+    report.decode_seconds += sum(i.decode_seconds for i in batch)
+    report.failures += [(f["path"], f["reason"]) for f in failures]
+    rate.batch_done(len(batch), report)
+
+
+class _Rate:
+    """Images per second and the time left, for the progress callback, measured from the start of encoding
+    (after the model has loaded)."""
+
+    def __init__(self, total: int, notify: Progress) -> None:
+        self.total, self.notify = total, notify
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def batch_done(self, size: int, report: IndexReport) -> None:
+        self.done += size
+        elapsed = time.perf_counter() - self.started
+        ips = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / ips if ips > 0 else None
+        self.notify("batch", {"done": report.encoded, "errors": len(report.failures), "size": size,
+                              "total": self.total, "images_per_second": ips, "eta_seconds": eta})
 
 
 def _batches(items: Iterator[DecodedItem], size: int) -> Iterator[list[DecodedItem]]:
@@ -189,19 +263,6 @@ def _batches(items: Iterator[DecodedItem], size: int) -> Iterator[list[DecodedIt
             batch = []
     if batch:
         yield batch
-
-
-def _encode_and_write(library: Library, clip: ClipModel, batch: list[DecodedItem], report: IndexReport) -> None:
-    good = [item for item in batch if item.pixels is not None]
-    failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
-                if i.pixels is None]
-    started = time.perf_counter()
-    vectors = clip.encode_pixels(np.stack([i.pixels for i in good])) if good else None
-    report.encode_seconds += time.perf_counter() - started
-    write_batch(library, [i.record for i in good], vectors, failures)
-    report.encoded += len(good)
-    report.decode_seconds += sum(i.decode_seconds for i in batch)
-    report.failures += [(f["path"], f["reason"]) for f in failures]
 
 
 def write_batch(
@@ -246,22 +307,52 @@ def default_batch_size(device: str) -> int:
     return 256 if device.startswith("cuda") else 32
 
 
-def default_workers(device: str, files: int) -> int:
-    """Decode processes: on a GPU, every spare core; on a CPU the model needs the cores, and a small job is
-    done faster in-process than by starting workers (0 = decode in this process)."""
+@dataclass(frozen=True)
+class DecodePlan:
+    """How to decode: how many workers of which kind, how much nicer than the encoder, and how many threads
+    torch may use (None: leave torch's setting alone)."""
+
+    workers: int
+    kind: PoolKind
+    niceness: int
+    torch_threads: int | None
+
+
+def decode_plan(device: str, files: int, workers: int | None = None) -> DecodePlan:
+    """The measured choice for this device (``benchmarks/README.md`` has the figures); ``workers`` overrides
+    the count, 0 meaning decode in this thread between batches.
+
+    - GPU: the GPU does the encoding, so every core but the one feeding it decodes, in processes (a decoder
+      crash costs a worker, not the run); a small job uses threads, which start at once.
+    - CPU: the encoder needs every core, so torch gets them all, and decoding runs in one thread per core at
+      the lowest priority: at normal priority only the encoder's threads compete for the cores, and the
+      decoders take what it leaves (between its parallel sections, and while it waits for a batch). Threads,
+      not processes: measured faster here, as a process must first import torch to unpickle the transform.
+    """
     cores = os.cpu_count() or 1
     if device.startswith("cuda"):
-        return max(1, cores - 1)
-    if files < 64:
-        return 0
-    return max(1, cores // 4)
+        count = max(1, cores - 1) if workers is None else workers
+        kind: PoolKind = "processes" if files >= SMALL_JOB else "threads"
+        return DecodePlan(count, kind, niceness=0, torch_threads=None)
+    count = cores if workers is None else workers
+    return DecodePlan(count, "threads", niceness=CPU_DECODE_NICENESS, torch_threads=cores)
 
 
-def _set_torch_threads(device: str, workers: int) -> None:
-    """On a CPU, the encoder takes the cores the decode workers leave (at least one), so they do not fight."""
-    if device.startswith("cuda"):
+SMALL_JOB = 256  # files: below this, starting worker processes costs more than it saves
+CPU_DECODE_NICENESS = 19
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Give torch ``count`` intra-op threads for the run, and put the caller's setting back afterwards."""
+    if count is None:
+        yield
         return
     import torch
 
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - workers // 2))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
