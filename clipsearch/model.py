@@ -14,6 +14,8 @@ the model's device, which keeps host-to-device copies four times smaller than fl
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,17 +122,64 @@ class ClipModel:
         model, preprocess, tokenizer = _load_open_clip(spec, device)
         return cls(spec, model, preprocess, tokenizer, device)
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(B, H, W, 3) uint8 pixels from ``pixel_transform`` → (B, dim) unit vectors."""
+        return self.start_encoding(pixels).result()
+
+    def start_encoding(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingVectors:
+        """Start encoding a batch of (H, W, 3) uint8 pixel arrays; ``result()`` gives the unit vectors.
+
+        On CUDA the batch is stacked straight into pinned host memory, copied to the GPU without blocking, and
+        the forward pass is queued: this returns while the GPU works, so the caller can write the previous
+        batch and gather the next one meanwhile. On a CPU the work is done before this returns.
+        """
         import torch
 
-        batch = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.startswith("cuda"):
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        host = self._host_batch(pixels)
+        if not self._on_cuda:  # CPU (or MPS): synchronous
+            started = time.perf_counter()
+            vectors = self._forward(host.to(self.device)).cpu().numpy()
+            return PendingVectors(vectors, seconds=time.perf_counter() - started)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        on_gpu = self._forward(host.to(self.device, non_blocking=True))
+        out = torch.empty(tuple(on_gpu.shape), dtype=on_gpu.dtype, pin_memory=True)
+        out.copy_(on_gpu, non_blocking=True)
+        end.record()
+        return PendingVectors(out, begin=begin, end=end, keep=host)
+
+    @property
+    def encodes_asynchronously(self) -> bool:
+        """True when ``start_encoding`` returns before the work is done (CUDA)."""
+        return self._on_cuda
+
+    @property
+    def _on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def _host_batch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """The batch as one uint8 tensor in host memory: pinned on CUDA (one copy, no staging), else as given."""
+        import torch
+
+        if not self._on_cuda:
+            stacked = pixels if isinstance(pixels, np.ndarray) else np.stack(list(pixels))
+            return torch.from_numpy(np.ascontiguousarray(stacked))
+        arrays = list(pixels)
+        host = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=True)
+        np.stack(arrays, out=host.numpy())
+        return host
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the model's device → float32 unit vectors on that device."""
+        import torch
+
         with torch.inference_mode():
-            floats = batch.permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
-            floats = (floats - self._mean) / self._std
-            return _unit_rows(self._model.encode_image(floats))
+            # Normalised in float32 (mean and std are float32), then cast to the model's dtype: an fp16 model
+            # refuses float32 input.
+            floats = batch.permute(0, 3, 1, 2).float().div_(255.0)
+            floats = ((floats - self._mean) / self._std).to(self.dtype)
+            features = self._model.encode_image(floats).float()
+            return torch.nn.functional.normalize(features, dim=1, eps=1e-12)
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """PIL images (any mode/size) → (B, dim) unit vectors."""
@@ -143,6 +192,30 @@ class ClipModel:
         tokens = self._tokenizer(texts).to(self.device)
         with torch.inference_mode():
             return _unit_rows(self._model.encode_text(tokens))
+
+
+class PendingVectors:
+    """A batch being encoded: ``result()`` waits for it and returns (B, dim) float32 unit vectors."""
+
+    def __init__(self, vectors: Any, *, seconds: float = 0.0, begin: Any = None, end: Any = None,
+                 keep: Any = None) -> None:
+        self._vectors = vectors  # a numpy array, or a pinned CPU tensor that the GPU is still filling
+        self._seconds = seconds
+        self._events = (begin, end)
+        self._keep = keep  # the pinned input, alive until the copy from it is done
+
+    def result(self) -> np.ndarray:
+        begin, end = self._events
+        if end is not None:
+            end.synchronize()
+            self._seconds = begin.elapsed_time(end) / 1000
+            self._vectors, self._keep, self._events = self._vectors.numpy(), None, (None, None)
+        return np.asarray(self._vectors, dtype=np.float32)
+
+    @property
+    def seconds(self) -> float:
+        """How long the encoder worked on this batch (on CUDA: GPU time, known once ``result()`` returned)."""
+        return self._seconds
 
 
 def _unit_rows(features: torch.Tensor) -> np.ndarray:
