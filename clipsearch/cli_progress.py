@@ -7,6 +7,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+# tqdm's own layout, with the time left labelled: "encoding  42%|████   | 420/1000 [00:31, 13.5 img/s, ETA 00:43]"
+ENCODING_BAR = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}, ETA {remaining}{postfix}]"
+
 
 class IndexProgress:
     """Receives the pipeline's progress events and draws: files found, then images encoded with rate and ETA."""
@@ -45,7 +48,14 @@ class IndexProgress:
         )
 
     def _on_encoding(self, info: dict[str, Any]) -> None:
-        self._bar = tqdm(total=info["total"], desc="encoding", unit=" img", file=sys.stderr, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=info["total"],
+            desc="encoding",
+            unit=" img",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            bar_format=ENCODING_BAR,
+        )
 
     def _on_batch(self, info: dict[str, Any]) -> None:
         if self._bar is not None:
