@@ -90,7 +90,9 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default: 32 CPU, 256 GPU).")
-@click.option("--workers", type=click.IntRange(0, 256), help="Decode processes (0 = decode in this process).")
+@click.option("--workers", type=click.IntRange(0, 256),
+              help="Decode workers: threads on a CPU, processes on a GPU; 0 = decode in the encoding thread "
+                   "(default: one per core; on a GPU one per core but one).")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option("--wait", type=float, default=0.0, help="Seconds to wait for another writer to finish.")
 @click.option("--rebuild-index", is_flag=True, help="Also rebuild the FAISS index from the stored vectors.")

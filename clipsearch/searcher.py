@@ -193,7 +193,7 @@ class Searcher:
     # --- helpers ------------------------------------------------------------------------------------------
 
     def _embed(self, terms: list[Term], images: list[Any], image_weight: float) -> tuple[np.ndarray, list[float]]:
-        from clipsearch.indexer.decode import open_image_for_query
+        from clipsearch.decode import open_image_for_query
 
         parts: list[np.ndarray] = []
         weights: list[float] = []

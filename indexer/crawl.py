@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import functools
 import os
 import re
 import stat
@@ -23,21 +22,13 @@ from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from clipsearch.decode import heif_available
+
 BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".avif"})
 
 NON_UTF8_FILE = "the name is not valid UTF-8; rename it to index it"
 NON_UTF8_FOLDER = "the folder name is not valid UTF-8; rename it to index the images inside"
-
-
-@functools.cache
-def heif_available() -> bool:
-    """True when pillow-heif (the optional `heif` extra) can be imported, so HEIC/HEIF/AVIF can be decoded."""
-    try:
-        import pillow_heif  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _native_avif_available() -> bool:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from clipsearch.indexer.crawl import CrawlProblem, FoundFile
-from clipsearch.indexer.decode import content_hash
 
+from clipsearch.decode import content_hash
 from clipsearch.store import FileState
 
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 from clipsearch.indexer.crawl import FoundFile
-from clipsearch.indexer.decode import DecodeFailure, decode_file
 
+from clipsearch.decode import DecodeFailure, decode_file
 from clipsearch.model import PixelTransform
 
 PoolKind = Literal["threads", "processes"]

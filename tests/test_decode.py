@@ -11,18 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clipsearch.indexer.crawl import FoundFile, crawl, heif_available
-from clipsearch.indexer.decode import (
-    VANISHED,
-    Decoded,
-    DecodeFailure,
-    content_hash,
-    decode_bytes,
-    decode_file,
-    hash_bytes,
-    open_image_for_query,
-    reduce_for_model,
-    to_rgb,
-)
 from hostile import (
     OK,
     PATH_MAX,
@@ -54,6 +42,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from clipsearch.decode import (
+    VANISHED,
+    Decoded,
+    DecodeFailure,
+    content_hash,
+    decode_bytes,
+    decode_file,
+    hash_bytes,
+    open_image_for_query,
+    reduce_for_model,
+    to_rgb,
+)
 from clipsearch.errors import QueryError
 
 RED = (255, 0, 0)

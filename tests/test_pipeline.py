@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from clipsearch.indexer.crawl import FoundFile
-from clipsearch.indexer.decode import decode_file
 from clipsearch.indexer.pipeline import IndexOptions, decode_plan, index_folders
 from clipsearch.indexer.workers import CRASHED, decode_one, decode_stream
 from hostile import jpeg_bytes, make_exif, photo_like, write
 from PIL import Image, ImageDraw, ImageOps
 
+from clipsearch.decode import decode_file
 from clipsearch.library import Library
 from clipsearch.model import ClipModel, ModelSpec
 from clipsearch.vectors import VectorStore

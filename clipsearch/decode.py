@@ -34,8 +34,6 @@ from PIL.ExifTags import GPS, IFD, Base
 
 from clipsearch.errors import QueryError
 
-from .crawl import heif_available
-
 DEFAULT_MIN_SIDE = 224
 # Pillow's own hard limit (2 × Image.MAX_IMAGE_PIXELS): we refuse nothing Pillow would open by itself, and a
 # limit above it would not help, since Pillow then refuses in Image.open before we can look.
@@ -59,6 +57,16 @@ _ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+@functools.cache
+def heif_available() -> bool:
+    """True when pillow-heif (the optional `heif` extra) can be imported, so HEIC/HEIF/AVIF can be decoded."""
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
