@@ -16,6 +16,7 @@ import pytest
 from clipsearch.indexer.pipeline import index_folders
 from streamlit.testing.v1 import AppTest
 
+from clipsearch.decode import heif_available
 from clipsearch.library import Library
 from clipsearch.model import ModelSpec
 from clipsearch.tinyclip import draw_shape, random_init_dir
@@ -116,6 +117,18 @@ def test_text_query_shows_red_circles_first(page: AppTest):
 
 def test_upload_query_finds_similar_photos(page: AppTest):
     page.file_uploader(key="upload").upload("mine.png", png_bytes("circle", "red"), "image/png").run()
+    assert_no_failure(page)
+    assert shown_names(page)[0].startswith("red-circle"), shown_names(page)
+
+
+@pytest.mark.skipif(not heif_available(), reason="pillow-heif (the heif extra) is not installed")
+def test_heic_upload_finds_similar_photos(page: AppTest):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    draw_shape("circle", "red", size=96, rng=np.random.default_rng(7)).save(buffer, "HEIF", quality=90)
+    page.file_uploader(key="upload").upload("phone.heic", buffer.getvalue(), "image/heic").run()
     assert_no_failure(page)
     assert shown_names(page)[0].startswith("red-circle"), shown_names(page)
 
