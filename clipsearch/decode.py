@@ -178,7 +178,12 @@ def reduce_for_model(image: Image.Image, min_side: int) -> Image.Image:
     shrinks by less than 2×.
     """
     factor = min(image.size) // min_side if min_side > 0 else 0
-    return image.reduce(factor) if factor >= 2 else image
+    if factor < 2:
+        return image
+    # Whole boxes only: a size that does not divide by the factor would end in a partial box, one output pixel
+    # made from a sliver, which stretches the picture slightly. Dropping the last few source pixels does not.
+    width, height = image.size
+    return image.reduce(factor, box=(0, 0, width - width % factor, height - height % factor))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

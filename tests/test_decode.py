@@ -129,7 +129,7 @@ def test_a_large_png_is_box_reduced_but_never_below_min_side() -> None:
 def test_reduce_for_model_keeps_small_images_as_they_are() -> None:
     small = Image.new("RGB", (300, 400))
     assert reduce_for_model(small, 224) is small
-    assert reduce_for_model(Image.new("RGB", (2000, 449)), 224).size == (1000, 225)
+    assert reduce_for_model(Image.new("RGB", (2000, 449)), 224).size == (1000, 224)  # whole 2 x 2 boxes only
     assert reduce_for_model(small, 0) is small
 
 
