@@ -54,7 +54,7 @@ class VectorStore:
         matrix = self._matrix()
         if len(ids) and (ids.min() < 0 or ids.max() >= len(matrix)):
             raise KeyError("asked for a vector row that was never written")
-        return np.array(matrix[ids], dtype=np.float32)
+        return np.asarray(matrix[ids], dtype=np.float32)  # fancy indexing already copied the rows
 
     def iter_chunks(self, ids: np.ndarray, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids, vectors) in chunks, in the order given; bounded memory for index builds."""
