@@ -95,6 +95,9 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
                    "(default: one per core; on a GPU one per core but one).")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option("--wait", type=float, default=0.0, help="Seconds to wait for another writer to finish.")
+@click.option("--ray", metavar="ADDRESS",
+              help="Decode and encode on a Ray cluster: 'auto' (the one `ray start` joined this machine to), "
+                   "host:port or ray://host:10001. Needs pip install 'clipsearch[ray]'.")
 @click.option("--rebuild-index", is_flag=True, help="Also rebuild the FAISS index from the stored vectors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
 @click.pass_context

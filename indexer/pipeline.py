@@ -45,6 +45,7 @@ class IndexOptions:
     workers: int | None = None
     device: str | None = None
     wait: float = 0.0
+    ray: str | None = None  # a Ray cluster's address ("auto", "host:port", "ray://host:10001"): encode there
 
 
 @dataclass
@@ -103,7 +104,7 @@ def index_folders(
     notify = progress or _ignore
     started = time.perf_counter()
     root_paths = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
-    with library.writer_lock(options.wait):
+    with library.writer_lock(options.wait), _cluster_connection(options.ray):
         spec = library.resolve_model(model)
         library.store.add_roots(root_paths)
         plan = _plan(library, root_paths, options, notify)
@@ -170,6 +171,8 @@ def _encode_all(
 ) -> ClipModel | None:
     if not plan.encode:
         return None
+    if options.ray:
+        return _encode_on_ray(library, spec, plan, options, report, notify, stop)
     clip = ClipModel.load(spec, options.device)
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(clip.device)
@@ -184,6 +187,57 @@ def _encode_all(
         _run_batches(library, clip, _batches(stream, batch_size), report, _Rate(len(plan.encode), notify), stop)
     report.encoding_elapsed = time.perf_counter() - started
     return clip
+
+
+def _encode_on_ray(
+    library: Library,
+    spec: ModelSpec,
+    plan: Plan,
+    options: IndexOptions,
+    report: IndexReport,
+    notify: Progress,
+    stop: threading.Event,
+) -> ClipModel:
+    """Decode and encode on a Ray cluster (`distributed.py`); this process only plans and writes. The model is
+    also loaded here, on the CPU: its dimension is checked against the library before anything is written, and
+    its text encoder tunes the index afterwards, as in a local run."""
+    from clipsearch.indexer import distributed
+
+    cluster = distributed.current_cluster_plan(options.device)
+    clip = ClipModel.load(spec, "cpu")
+    library.bind_model(spec, clip.dim)
+    batch_size = options.batch_size or default_batch_size(cluster.device)
+    report.workers, report.decode_pool = cluster.actors * cluster.decode_workers, cluster.description
+    notify("encoding", {"total": len(plan.encode), "workers": report.workers, "batch_size": batch_size,
+                        "decode_pool": report.decode_pool})
+    started = time.perf_counter()
+    rate = _Rate(len(plan.encode), notify)
+    batches = distributed.encode_on_cluster(plan.encode, spec, cluster, batch_size)
+    with contextlib.closing(batches):
+        for batch in batches:
+            commit_batch(library, batch.items, batch.vectors, batch.encode_seconds, report, rate)
+            if stop.is_set():
+                report.interrupted = True
+                break
+    report.encoding_elapsed = time.perf_counter() - started
+    return clip
+
+
+@contextlib.contextmanager
+def _cluster_connection(address: str | None) -> Iterator[None]:
+    """Join the Ray cluster for the run (before crawling, so a wrong address is said at once), and leave it
+    after; a connection the caller already made is used and left open."""
+    if address is None:
+        yield
+        return
+    from clipsearch.indexer import distributed
+
+    joined = distributed.connect(address)
+    try:
+        yield
+    finally:
+        if joined:
+            distributed.disconnect()
 
 
 def _run_batches(
@@ -222,13 +276,19 @@ def _start(clip: ClipModel, batch: list[DecodedItem]) -> _Encoding:
 
 
 def _finish(library: Library, encoding: _Encoding, report: IndexReport, rate: _Rate) -> None:
-    batch = encoding.batch
-    good = [item for item in batch if item.pixels is not None]
-    failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
-                if i.pixels is None]
     vectors = encoding.vectors.result() if encoding.vectors is not None else None
-    report.encode_seconds += encoding.vectors.seconds if encoding.vectors is not None else 0.0
-    write_batch(library, [i.record for i in good if i.record is not None], vectors, failures)
+    seconds = encoding.vectors.seconds if encoding.vectors is not None else 0.0
+    commit_batch(library, encoding.batch, vectors, seconds, report, rate)
+
+
+def commit_batch(library: Library, batch: list[DecodedItem], vectors: np.ndarray | None, encode_seconds: float,
+                 report: IndexReport, rate: _Rate) -> None:
+    """Write one encoded batch (``vectors`` holds a row per item with a record, in order) and count it."""
+    good = [item for item in batch if item.record is not None]
+    failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
+                if i.record is None]
+    report.encode_seconds += encode_seconds
+    write_batch(library, [i.record for i in good if i.record is not None], vectors if good else None, failures)
     report.encoded += len(good)
     report.decoded += len(batch)
     report.decode_seconds += sum(i.decode_seconds for i in batch)

@@ -94,11 +94,33 @@ def decode_stream(
     Close the generator to stop early: the pool is shut down then (and when it is exhausted)."""
     if workers <= 0:
         return (decode_one(f, transform, min_side) for f in files)
-    pool: _Pool = (_ThreadPool if kind == "threads" else _ProcessPool)(workers, transform, min_side, niceness)
-    return _in_order(files, pool, max(window, workers))
+    pool = _new_pool(kind, workers, transform, min_side, niceness)
+    return _in_order(files, pool, max(window, workers), keep_pool=False)
 
 
-def _in_order(files: Sequence[FoundFile], pool: _Pool, window: int) -> Generator[DecodedItem, None, None]:
+class DecodePool:
+    """A pool that stays open across many `decode` calls, for a long-lived encoder (a cluster worker) that
+    would otherwise pay the pool's start-up (for processes: importing torch) on every batch."""
+
+    def __init__(self, kind: PoolKind, workers: int, transform: PixelTransform, min_side: int,
+                 niceness: int = 0) -> None:
+        self.workers = workers
+        self._pool = _new_pool(kind, workers, transform, min_side, niceness)
+
+    def decode(self, files: Sequence[FoundFile], window: int) -> Generator[DecodedItem, None, None]:
+        """Decoded items in the order of ``files``, with at most ``window`` files in flight."""
+        return _in_order(files, self._pool, max(window, self.workers), keep_pool=True)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _new_pool(kind: PoolKind, workers: int, transform: PixelTransform, min_side: int, niceness: int) -> _Pool:
+    return (_ThreadPool if kind == "threads" else _ProcessPool)(workers, transform, min_side, niceness)
+
+
+def _in_order(files: Sequence[FoundFile], pool: _Pool, window: int, *,
+              keep_pool: bool) -> Generator[DecodedItem, None, None]:
     pending: deque[_InFlight] = deque()
     upcoming = iter(files)
     try:
@@ -109,7 +131,8 @@ def _in_order(files: Sequence[FoundFile], pool: _Pool, window: int) -> Generator
                 return
             yield _next_result(pending, pool)
     finally:
-        pool.shutdown()
+        if not keep_pool:
+            pool.shutdown()
 
 
 _InFlight = tuple[FoundFile, "Future[DecodedItem]"]
