@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -201,7 +202,9 @@ def _encoded_dataset(ray: Any, files: Sequence[FoundFile], spec: ModelSpec, clus
         return _file_dataset(ray, files, batch_size).map_batches(
             _EncodeActor,
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
+            # Two calls at once per actor: one decodes batch n+1 while the other encodes batch n (see _EncodeActor).
+            compute=ray.data.ActorPoolStrategy(size=cluster.actors, max_concurrent_calls_per_actor=2,
+                                               enable_true_multi_threading=True),
             fn_constructor_kwargs={"spec": spec.to_dict(), "cluster": cluster.__dict__, "batch_size": batch_size},
             num_cpus=cluster.cpus_per_actor,
             num_gpus=cluster.gpus_per_actor,
@@ -274,7 +277,12 @@ def _lost_batch(files: Sequence[FoundFile]) -> EncodedBatch:
 
 
 class _EncodeActor:
-    """Lives on a Ray worker: loads the model once, keeps a decode pool open, encodes batch after batch."""
+    """Lives on a Ray worker: loads the model once, keeps a decode pool open, encodes batch after batch.
+
+    Ray runs two calls at once on each actor, so that the encoder never waits for a batch to be decoded: while
+    one call encodes, the other decodes the next batch. Each stage takes one call at a time (its own lock): one
+    encoder, and one user of the decode pool, whose crash recovery must see only its own files in flight.
+    """
 
     def __init__(self, spec: dict[str, Any], cluster: dict[str, Any], batch_size: int) -> None:
         plan = ClusterPlan(**cluster)
@@ -287,15 +295,19 @@ class _EncodeActor:
         self._pool = DecodePool("processes", plan.decode_workers, self._clip.pixel_transform,
                                 self._clip.image_size, niceness)
         self._window = 2 * batch_size
+        self._decoding, self._encoding = threading.Lock(), threading.Lock()
 
     def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         files = [FoundFile(os.fsdecode(bytes(p)), int(s), int(m))
                  for p, s, m in zip(columns["path"], columns["size"], columns["mtime_ns"], strict=True)]
-        items = list(self._pool.decode(files, self._window))
+        with self._decoding:
+            items = list(self._pool.decode(files, self._window))
         pixels = [item.pixels for item in items if item.pixels is not None]
-        started = time.perf_counter()
-        vectors = self._clip.encode_pixels(pixels) if pixels else np.zeros((0, self._clip.dim), np.float32)
-        return _to_columns(columns["ordinal"], items, vectors, time.perf_counter() - started, self._clip.dim)
+        with self._encoding:
+            started = time.perf_counter()
+            vectors = self._clip.encode_pixels(pixels) if pixels else np.zeros((0, self._clip.dim), np.float32)
+            seconds = time.perf_counter() - started
+        return _to_columns(columns["ordinal"], items, vectors, seconds, self._clip.dim)
 
 
 def _to_columns(ordinal: np.ndarray, items: list[DecodedItem], vectors: np.ndarray, seconds: float,
