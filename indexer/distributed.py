@@ -66,7 +66,7 @@ class ClusterPlan:
     @property
     def description(self) -> str:
         unit = "GPU" if self.gpus_per_actor else f"{self.cpus_per_actor} CPU"
-        return f"ray: {self.actors} actors x {unit}"
+        return f"ray: {self.actors} actor{'s' if self.actors != 1 else ''} x {unit}"
 
 
 @dataclass
