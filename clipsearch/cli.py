@@ -237,31 +237,54 @@ def _format_index_facts(index_facts: dict[str, Any]) -> list[str]:
     queries = facts.pop("queries", {})
     head = f"index:    {facts.pop('kind')} ({facts.pop('factory')}), {facts.pop('ntotal')} vectors, " \
            f"{facts.pop('bytes_per_vector')} bytes/vector"
+    on_disk = facts.pop("on_disk", False)
+    ivfdata_file, ivfdata_bytes = facts.pop("ivfdata_file", None), facts.pop("ivfdata_bytes", 0)
     lines = [head, "          " + ", ".join(f"{k}={v}" for k, v in facts.items())]
+    if on_disk:
+        lines.append(f"          on disk: lists in {ivfdata_file} ({ivfdata_bytes:,} bytes), memory-mapped")
     for kind, params in queries.items():
         lines.append(f"  {kind + ' queries:':17} " + ", ".join(f"{k}={v}" for k, v in params.items()))
     return lines
 
 
+class MemorySize(click.ParamType):
+    """A size such as 512MB, 2GiB or a number of bytes (`clipsearch.memory.parse_size`)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from clipsearch.memory import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 @cli.command()
 @common_options
+@click.option("--memory-budget", type=MemorySize(), metavar="SIZE",
+              help="Most memory the build may use, e.g. 512MB or 2GiB; an index that does not fit is built on "
+                   "disk in shards (default: $CLIPSEARCH_INDEX_MEMORY, else half the machine's memory).")
 @click.pass_context
-def reindex(ctx: click.Context, **options: Any) -> None:
+def reindex(ctx: click.Context, memory_budget: int | None, **options: Any) -> None:
     """Rebuild the FAISS index from the stored vectors (nothing is re-encoded)."""
     settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
     from clipsearch.library import Library
 
-    index_facts = _rebuild(Library.open(settings["library"]), settings)
+    index_facts = _rebuild(Library.open(settings["library"]), settings, memory_budget)
     click.echo(f"Rebuilt the index: {index_facts}.")
 
 
-def _rebuild(library: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def _rebuild(library: Any, settings: dict[str, Any], memory_budget: int | None = None) -> dict[str, Any]:
     from clipsearch.sync import refresh_index
 
     with library.writer_lock():
         spec = library.resolve_model(_spec(settings))
         encoder = _lazy_text_encoder(spec)
-        index = refresh_index(library, encoder, rebuild=True)
+        index = refresh_index(library, encoder, rebuild=True, memory_budget_bytes=memory_budget)
     return index.describe() if index is not None else {}
 
 

@@ -8,6 +8,7 @@ Every message is one sentence a person can act on; the CLI and the UI print it a
     │   └── LibraryLockedError
     ├── ModelError            the model spec is unknown or its weights cannot be found
     ├── QueryError            a query is empty, malformed, or names an image that cannot be read
+    ├── SettingError          a setting (an option or environment variable) has a value that cannot be used
     └── IndexFileError        the FAISS index file is unreadable (it can always be rebuilt)
 """
 
@@ -36,6 +37,10 @@ class ModelError(ClipsearchError):
 
 class QueryError(ClipsearchError):
     """The query cannot be run."""
+
+
+class SettingError(ClipsearchError):
+    """A setting, such as the index memory budget, has a value that cannot be used."""
 
 
 class IndexFileError(ClipsearchError):

@@ -3,6 +3,10 @@
 SQLite is the truth and the index a cache. Whoever opens the index compares its ids with the committed ids: it
 adds what is missing (from the stored vectors, never re-encoding) and removes what was deleted. A reader does
 this in memory; the writer also saves the result (atomically) so the next reader starts in step.
+
+The writer's builds follow a memory budget (`memory_budget_bytes`, else ``$CLIPSEARCH_INDEX_MEMORY``, else half
+the machine's memory: `clipsearch.memory`); an index that does not fit is built on disk, in shards, beside the
+saved one in the library's index folder (`clipsearch.index`, "The memory budget").
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 from clipsearch.errors import IndexFileError, ModelError
 from clipsearch.index import VectorIndex, builtin_captions, choose_index
 from clipsearch.library import Library
+from clipsearch.memory import resolve_memory_budget
 from clipsearch.vectors import VectorStore
 
 Progress = Callable[[str], None]
@@ -57,16 +62,21 @@ def refresh_index(
     *,
     rebuild: bool = False,
     progress: Progress | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> VectorIndex | None:
-    """Writer side: bring the saved index in step with SQLite, rebuilding it when the library outgrew it."""
+    """Writer side: bring the saved index in step with SQLite, rebuilding it when the library outgrew it or
+    it would no longer fit the memory budget (`memory_budget_bytes`, default as in `resolve_memory_budget`)."""
+    budget = resolve_memory_budget(memory_budget_bytes)
     ids = library.store.all_ids()
     index = None if rebuild else _load_or_none(library)
     if len(ids) == 0 and index is None:
         return None
-    if index is None or index.needs_rebuild(len(ids)):
-        index = build_index(library, ids, text_encoder, progress)
-    elif not sync_index(index, library.vectors(), ids):
-        return index
+    if index is None or index.needs_rebuild(len(ids), budget):
+        index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget)
+    else:
+        index.limit_memory(budget)
+        if not sync_index(index, library.vectors(), ids):
+            return index
     save_index(library, index)
     return index
 
@@ -87,14 +97,22 @@ def build_index(
     ids: np.ndarray,
     text_encoder: Callable[[list[str]], np.ndarray] | None,
     progress: Progress | None = None,
+    *,
+    memory_budget_bytes: int | None = None,
 ) -> VectorIndex:
-    """Build a fresh index from the stored vectors, with text-like tuning queries when the index is approximate."""
+    """Build a fresh index from the stored vectors, with text-like tuning queries when the index is approximate.
+
+    An index over the memory budget is built on disk: its .ivfdata goes to the library's index folder under a
+    fresh name, so the saved index (which a reader may be using) is untouched until `save_index` swaps it.
+    """
     vectors = library.vectors()
-    plan = choose_index(len(ids), vectors.dim)
+    budget = resolve_memory_budget(memory_budget_bytes)
+    plan = choose_index(len(ids), vectors.dim, budget)
     text_queries = None
     if plan.kind != "flat" and text_encoder is not None:
         text_queries = _caption_embeddings(text_encoder, progress)
-    return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress)
+    return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
+                             memory_budget_bytes=budget, folder=library.index_dir)
 
 
 def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],

@@ -29,6 +29,7 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("CLIPSEARCH_MODEL", raising=False)
     monkeypatch.delenv("CLIPSEARCH_PRETRAINED", raising=False)
+    monkeypatch.delenv("CLIPSEARCH_INDEX_MEMORY", raising=False)
     return library
 
 

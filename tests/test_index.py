@@ -30,6 +30,7 @@ from clipsearch.index import (
     exact_search,
     flat_plan,
     ivfpq_plan,
+    plan_build_memory,
     pq_subquantizers,
     recall_at,
     text_like_queries,
@@ -164,10 +165,11 @@ def test_a_memory_budget_smaller_than_the_flat_matrix_forces_ivfpq():
     assert plan.kind == "ivfpq" and n * plan.bytes_per_vector(512) <= 10_000_000
 
 
-def test_a_tight_memory_budget_shrinks_the_codes():
+def test_a_tight_memory_budget_keeps_the_codes_and_puts_the_lists_on_disk():
     plan = choose_index(1_000_000, 512, memory_budget_bytes=40_000_000)
-    assert plan.m == 32 and 1_000_000 * plan.bytes_per_vector(512) <= 40_000_000
-    assert choose_index(1_000_000, 512, memory_budget_bytes=10**12).m == 64
+    assert plan == choose_index(1_000_000, 512, memory_budget_bytes=10**12) and plan.m == 64
+    assert plan_build_memory(plan, 1_000_000, 512, 40_000_000).on_disk
+    assert not plan_build_memory(plan, 1_000_000, 512, 10**12).on_disk
 
 
 def test_too_few_vectors_to_train_stay_flat_whatever_the_budget():
