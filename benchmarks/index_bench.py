@@ -1,6 +1,7 @@
 """Benchmark of clipsearch's FAISS index: recall, latency and size for image-like, text-like and filtered queries.
 
     python benchmarks/index_bench.py --n 1000000 --dim 512 --queries 1000 --out benchmarks/results/index_1e6.json
+    python benchmarks/index_bench.py --n 1000000 --dim 512 --memory-budget-mb 256 --out ...  # bounded build
 
 The index is built through `clipsearch.index.VectorIndex.build` exactly as the library builds it (vectors in a
 temporary `VectorStore`, ids 1..N); ground truth comes from an exhaustive `faiss.IndexFlatIP`.
@@ -31,6 +32,15 @@ fields the same for text-like queries. `results_short` counts queries of either 
 k results although k photos pass the filter. --switch timing (skip with --no-switch): for subsets of 256 ..
 65,536 random ids, the median latency of exact subset scoring and of the id-selector path, and the selector's
 recall@10 against the exact answer.
+
+Memory (--memory-budget-mb, in MiB; default: the library's default budget, half the machine's memory): the
+build gets that budget and goes on disk, in shards, when the index does not fit it (`on_disk`, `ivfdata_bytes`,
+the lists file written to the run's temporary folder). While `VectorIndex.build` runs, a background thread reads
+/proc/self/status every 10 ms: `peak_anon_mb` is the largest RssAnon seen (the memory the build allocated; the
+memory-mapped vectors, training sample and lists are file-backed pages the kernel can drop), `peak_rss_mb` the
+kernel's own high-water mark VmHWM, reset just before the build (it also counts those file pages while they are
+cached). `rss_before_build_mb` and `anon_before_build_mb` are the process (interpreter, numpy, faiss, the
+queries) just before the build. MB in these fields means MiB.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +251,58 @@ def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.nda
     return rows
 
 
+class MemorySampler:
+    """Largest RssAnon and VmRSS of this process while the block runs, plus the kernel's VmHWM (reset first)."""
+
+    FIELDS = ("VmRSS", "RssAnon", "VmHWM")
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.before: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self.before = read_status()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        self.peak = dict(self.before)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        for key, value in read_status().items():
+            self.peak[key] = max(self.peak.get(key, 0.0), value)
+
+    def fields(self) -> dict[str, float]:
+        return {"peak_rss_mb": round(max(self.peak["VmHWM"], self.peak["VmRSS"]), 1),
+                "peak_anon_mb": round(self.peak["RssAnon"], 1),
+                "rss_before_build_mb": round(self.before["VmRSS"], 1),
+                "anon_before_build_mb": round(self.before["RssAnon"], 1)}
+
+
+def read_status() -> dict[str, float]:
+    """VmRSS, RssAnon and VmHWM of this process in MiB, from /proc/self/status."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in MemorySampler.FIELDS:
+            values[key] = int(rest.split()[0]) / 1024  # the file says kB, meaning KiB
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
@@ -251,6 +314,8 @@ def main() -> None:
     parser.add_argument("--vectors", help="float32 .npy of unit rows to use instead of generated data")
     parser.add_argument("--text-queries", help="float32 .npy of text-like unit rows from outside the library")
     parser.add_argument("--no-switch", action="store_true", help="skip the exact/selector switch-point timing")
+    parser.add_argument("--memory-budget-mb", type=float,
+                        help="memory budget of the build in MiB (default: half the machine's memory)")
     args = parser.parse_args()
     print(json.dumps(run(args), indent=2))
 
@@ -262,11 +327,16 @@ def run(args: argparse.Namespace) -> dict:
         store = VectorStore(Path(folder) / "vectors", args.dim)
         queries = write_given(store, args) if args.vectors else write_generated(store, args)
         ids = np.arange(1, args.n + 1)
+        budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
         start = time.perf_counter()
-        index = VectorIndex.build(store, ids, text_queries=queries["captions"], seed=args.seed,
-                                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+        with MemorySampler() as memory:
+            index = VectorIndex.build(store, ids, text_queries=queries["captions"], seed=args.seed,
+                                      progress=lambda message: print(message, file=sys.stderr, flush=True),
+                                      memory_budget_bytes=budget, folder=Path(folder) / "index")
         result = {"n": args.n, "dim": args.dim, "queries": args.queries, "seed": args.seed,
-                  "index": index.params.factory, "build_s": round(time.perf_counter() - start, 1)}
+                  "index": index.params.factory, "build_s": round(time.perf_counter() - start, 1),
+                  "memory_budget_mb": args.memory_budget_mb, **memory.fields(),
+                  "on_disk": index.on_disk, "ivfdata_bytes": index.ivfdata_bytes()}
         result.update(measure_all(index, store, queries, args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -281,7 +351,7 @@ def measure_all(index: VectorIndex, store: VectorStore, queries: dict[str, np.nd
     start = time.perf_counter()
     index.search(queries["image"], K, store, kind="image")
     result["qps_batch"] = round(len(queries["image"]) / (time.perf_counter() - start), 1)
-    result["bytes_per_vector"] = round(index.serialized_bytes() / args.n, 1)
+    result["bytes_per_vector"] = round((index.serialized_bytes() + index.ivfdata_bytes()) / args.n, 1)
     result.update(measure_flat_baseline(flat, queries["image"][:200]))
     result.update(measure_kind(index, store, flat, queries["text"], "text"))
     del flat  # free the 4 bytes x dim x N ground-truth copy before the filtered runs
