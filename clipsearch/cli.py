@@ -80,6 +80,26 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
     ctx.obj = {"library": library, "model": model, "pretrained": pretrained}
 
 
+class MemorySize(click.ParamType):
+    """A size such as 512MB, 2GiB or a number of bytes (`clipsearch.memory.parse_size`)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from clipsearch.memory import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+MEMORY_BUDGET_HELP = ("Most memory the index build may use, e.g. 512MB or 2GiB; an index that does not fit is built "
+                      "on disk in shards (default: $CLIPSEARCH_INDEX_MEMORY, else half the machine's memory).")
+
+
 # --- index --------------------------------------------------------------------------------------------------
 
 
@@ -98,6 +118,7 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
 @click.option("--ray", metavar="ADDRESS",
               help="Decode and encode on a Ray cluster: 'auto' (the one `ray start` joined this machine to), "
                    "host:port or ray://host:10001. Needs pip install 'clipsearch[ray]'.")
+@click.option("--memory-budget", type=MemorySize(), metavar="SIZE", help=MEMORY_BUDGET_HELP)
 @click.option("--rebuild-index", is_flag=True, help="Also rebuild the FAISS index from the stored vectors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
 @click.pass_context
@@ -114,7 +135,7 @@ def index(ctx: click.Context, paths: tuple[Path, ...], as_json: bool, rebuild_in
             library, paths, model=_spec(settings), options=IndexOptions(**options), progress=progress, stop=stop
         )
     if rebuild_index:
-        _rebuild(library, settings)
+        _rebuild(library, settings, options["memory_budget"])
     _print_index_report(report, as_json)
     if report.interrupted:
         click.echo("Stopped after the last committed batch; run the same command again to resume.", err=True)
@@ -247,27 +268,9 @@ def _format_index_facts(index_facts: dict[str, Any]) -> list[str]:
     return lines
 
 
-class MemorySize(click.ParamType):
-    """A size such as 512MB, 2GiB or a number of bytes (`clipsearch.memory.parse_size`)."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from clipsearch.memory import parse_size
-
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
 @cli.command()
 @common_options
-@click.option("--memory-budget", type=MemorySize(), metavar="SIZE",
-              help="Most memory the build may use, e.g. 512MB or 2GiB; an index that does not fit is built on "
-                   "disk in shards (default: $CLIPSEARCH_INDEX_MEMORY, else half the machine's memory).")
+@click.option("--memory-budget", type=MemorySize(), metavar="SIZE", help=MEMORY_BUDGET_HELP)
 @click.pass_context
 def reindex(ctx: click.Context, memory_budget: int | None, **options: Any) -> None:
     """Rebuild the FAISS index from the stored vectors (nothing is re-encoded)."""

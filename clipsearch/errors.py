@@ -9,6 +9,7 @@ Every message is one sentence a person can act on; the CLI and the UI print it a
     ├── ModelError            the model spec is unknown or its weights cannot be found
     ├── QueryError            a query is empty, malformed, or names an image that cannot be read
     ├── SettingError          a setting (an option or environment variable) has a value that cannot be used
+    ├── ClusterError          `index --ray`: Ray is not installed, no cluster answers, or the cluster failed
     └── IndexFileError        the FAISS index file is unreadable (it can always be rebuilt)
 """
 
@@ -41,6 +42,10 @@ class QueryError(ClipsearchError):
 
 class SettingError(ClipsearchError):
     """A setting, such as the index memory budget, has a value that cannot be used."""
+
+
+class ClusterError(ClipsearchError):
+    """Indexing on a Ray cluster cannot start or go on; what was written so far is kept."""
 
 
 class IndexFileError(ClipsearchError):

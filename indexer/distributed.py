@@ -40,17 +40,13 @@ import numpy as np
 from clipsearch.indexer.crawl import FoundFile
 from clipsearch.indexer.workers import DecodedItem, DecodePool
 
-from clipsearch.errors import ClipsearchError
+from clipsearch.errors import ClusterError
 from clipsearch.model import ClipModel, ModelSpec
 
 CONNECT_TIMEOUT_S = 5.0
 TASK_RETRIES = 3  # a batch whose actor dies this many times is recorded as failed
 CPU_DECODE_NICENESS = 19  # as locally: on a CPU worker, decoders take what the encoder leaves
 INSTALL_HINT = "Indexing on Ray needs the ray extra: pip install 'clipsearch[ray]'."
-
-
-class RayUnavailableError(ClipsearchError):
-    """Ray is not installed, or no cluster answers at the given address."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +88,7 @@ def connect(address: str) -> bool:
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise RayUnavailableError(
-            f"No Ray cluster answers at {address!r} ({_first_line(error)}); start one with `ray start --head` "
-            "or give the address of a running one."
-        ) from error
+        raise _no_cluster(address, _first_line(error)) from error
     return True
 
 
@@ -107,10 +100,12 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
-        raise RayUnavailableError(
-            f"No Ray cluster answers at {address!r} ({error.strerror or error}); start one with "
-            "`ray start --head` or give the address of a running one."
-        ) from error
+        raise _no_cluster(address, error.strerror or str(error)) from error
+
+
+def _no_cluster(address: str, why: str) -> ClusterError:
+    return ClusterError(f"No Ray cluster answers at {address!r} ({why}); start one with `ray start --head` or "
+                        "give the address of a running one.")
 
 
 def _resolved(address: str) -> str:
@@ -141,7 +136,7 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401  (the extra brings both; a bare `ray` lacks Ray Data's dependencies)
     except ImportError as error:
-        raise RayUnavailableError(INSTALL_HINT) from error
+        raise ClusterError(INSTALL_HINT) from error
     return ray
 
 
@@ -159,7 +154,7 @@ def plan_cluster(resources: dict[str, float], cpus_per_node: Sequence[float], de
         cpus = max(1, int(resources.get("CPU", 1)) // gpus)
         return ClusterPlan(gpus, cpus, 1, "cuda", decode_workers=max(1, cpus - 1))
     if device is not None and device.startswith("cuda"):
-        raise RayUnavailableError("The Ray cluster has no GPU; leave out --device cuda to encode on its CPUs.")
+        raise ClusterError("The Ray cluster has no GPU; leave out --device cuda to encode on its CPUs.")
     smallest = max(1, int(min(cpus_per_node, default=1)))
     return ClusterPlan(max(1, len(cpus_per_node)), smallest, 0, "cpu", decode_workers=smallest)
 
@@ -185,7 +180,7 @@ def encode_on_cluster(
                 seen[columns["ordinal"]] = True
                 yield _from_columns(columns, files)
         except (ray.exceptions.RayError, ConnectionError) as error:
-            raise RayUnavailableError(
+            raise ClusterError(
                 f"The Ray cluster failed during the run ({_first_line(error)}); every batch written so far is "
                 "kept: run the same command again to go on."
             ) from error

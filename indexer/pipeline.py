@@ -30,6 +30,7 @@ from clipsearch.indexer.workers import DecodedItem, PoolKind, decode_stream
 
 from clipsearch.errors import LibraryError
 from clipsearch.library import Library
+from clipsearch.memory import resolve_memory_budget
 from clipsearch.model import ClipModel, ModelSpec, PendingVectors
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -46,6 +47,7 @@ class IndexOptions:
     device: str | None = None
     wait: float = 0.0
     ray: str | None = None  # a Ray cluster's address ("auto", "host:port", "ray://host:10001"): encode there
+    memory_budget: int | None = None  # bytes the index build may use (None: $CLIPSEARCH_INDEX_MEMORY, else half RAM)
 
 
 @dataclass
@@ -104,6 +106,7 @@ def index_folders(
     notify = progress or _ignore
     started = time.perf_counter()
     root_paths = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+    memory_budget = resolve_memory_budget(options.memory_budget)  # a bad setting is said before any work
     with library.writer_lock(options.wait), _cluster_connection(options.ray):
         spec = library.resolve_model(model)
         library.store.add_roots(root_paths)
@@ -111,7 +114,7 @@ def index_folders(
         report = _report_from_plan(plan)
         _apply_moves_and_deletions(library, plan)
         clip = _encode_all(library, spec, plan, options, report, notify, stop or threading.Event())
-        _refresh_index(library, clip, report, notify)
+        _refresh_index(library, clip, report, notify, memory_budget)
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -352,14 +355,16 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "orig", exc))
 
 
-def _refresh_index(library: Library, clip: ClipModel | None, report: IndexReport, notify: Progress) -> None:
+def _refresh_index(library: Library, clip: ClipModel | None, report: IndexReport, notify: Progress,
+                   memory_budget: int) -> None:
     from clipsearch.sync import refresh_index
 
     if library.dim() is None:
         return
     notify("index", {"message": "updating the index"})
     encoder = clip.encode_texts if clip is not None else None
-    index = refresh_index(library, encoder, progress=lambda message: notify("index", {"message": message}))
+    index = refresh_index(library, encoder, progress=lambda message: notify("index", {"message": message}),
+                          memory_budget_bytes=memory_budget)
     report.index_kind = index.params.kind if index is not None else None
 
 

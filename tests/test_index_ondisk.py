@@ -475,3 +475,17 @@ def test_a_bad_memory_budget_is_one_sentence_and_a_failure(run_cli, shapes_folde
     assert variable.returncode != 0 and "Traceback" not in variable.stderr
     assert variable.stderr.strip() == (f"Error: {MEMORY_ENV} is set to 'a lot', which is not a usable size; set it "
                                        "to a size such as 512MB or 2GiB, or unset it.")
+
+
+def test_index_takes_a_memory_budget_and_refuses_a_bad_one_before_any_work(run_cli, shapes_folder, random_model,
+                                                                             library_dir):
+    variable = run_cli("index", str(shapes_folder), check=False, model=random_model, env={MEMORY_ENV: "a lot"})
+    assert variable.returncode != 0 and "Traceback" not in variable.stderr
+    assert variable.stderr.strip().splitlines()[-1].startswith(f"Error: {MEMORY_ENV} is set to 'a lot'")
+    assert "encoding" not in variable.stderr  # said before crawling and encoding, not after
+
+    option = run_cli("index", str(shapes_folder), "--memory-budget", "lots", check=False, model=random_model)
+    assert option.returncode != 0 and "'lots' is not a size" in option.stderr
+
+    run_cli("index", str(shapes_folder), "--memory-budget", "64MB", model=random_model)
+    assert json.loads(run_cli("stats", "--json").stdout)["indexed"] == 18
