@@ -180,9 +180,8 @@ def _encode_all(
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(clip.device)
     decoding = decode_plan(clip.device, len(plan.encode), options.workers)
-    report.workers, report.decode_pool = decoding.workers, decoding.kind if decoding.workers else "in-process"
-    notify("encoding", {"total": len(plan.encode), "workers": decoding.workers, "batch_size": batch_size,
-                        "decode_pool": report.decode_pool})
+    _announce(report, notify, len(plan.encode), decoding.workers, batch_size,
+              decoding.kind if decoding.workers else "in-process")
     started = time.perf_counter()
     stream = decode_stream(plan.encode, clip.pixel_transform, clip.image_size, decoding.workers,
                            window=4 * batch_size, kind=decoding.kind, niceness=decoding.niceness)
@@ -190,6 +189,11 @@ def _encode_all(
         _run_batches(library, clip, _batches(stream, batch_size), report, _Rate(len(plan.encode), notify), stop)
     report.encoding_elapsed = time.perf_counter() - started
     return clip
+
+
+def _announce(report: IndexReport, notify: Progress, total: int, workers: int, batch_size: int, pool: str) -> None:
+    report.workers, report.decode_pool = workers, pool
+    notify("encoding", {"total": total, "workers": workers, "batch_size": batch_size, "decode_pool": pool})
 
 
 def _encode_on_ray(
@@ -210,15 +214,14 @@ def _encode_on_ray(
     clip = ClipModel.load(spec, "cpu")
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(cluster.device)
-    report.workers, report.decode_pool = cluster.actors * cluster.decode_workers, cluster.description
-    notify("encoding", {"total": len(plan.encode), "workers": report.workers, "batch_size": batch_size,
-                        "decode_pool": report.decode_pool})
+    _announce(report, notify, len(plan.encode), cluster.actors * cluster.decode_workers, batch_size,
+              cluster.description)
     started = time.perf_counter()
     rate = _Rate(len(plan.encode), notify)
     batches = distributed.encode_on_cluster(plan.encode, spec, cluster, batch_size)
     with contextlib.closing(batches):
         for batch in batches:
-            commit_batch(library, batch.items, batch.vectors, batch.encode_seconds, report, rate)
+            _commit_batch(library, batch.items, batch.vectors, batch.encode_seconds, report, rate)
             if stop.is_set():
                 report.interrupted = True
                 break
@@ -281,18 +284,18 @@ def _start(clip: ClipModel, batch: list[DecodedItem]) -> _Encoding:
 def _finish(library: Library, encoding: _Encoding, report: IndexReport, rate: _Rate) -> None:
     vectors = encoding.vectors.result() if encoding.vectors is not None else None
     seconds = encoding.vectors.seconds if encoding.vectors is not None else 0.0
-    commit_batch(library, encoding.batch, vectors, seconds, report, rate)
+    _commit_batch(library, encoding.batch, vectors, seconds, report, rate)
 
 
-def commit_batch(library: Library, batch: list[DecodedItem], vectors: np.ndarray | None, encode_seconds: float,
+def _commit_batch(library: Library, batch: list[DecodedItem], vectors: np.ndarray | None, encode_seconds: float,
                  report: IndexReport, rate: _Rate) -> None:
     """Write one encoded batch (``vectors`` holds a row per item with a record, in order) and count it."""
-    good = [item for item in batch if item.record is not None]
+    records = [item.record for item in batch if item.record is not None]
     failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
                 if i.record is None]
     report.encode_seconds += encode_seconds
-    write_batch(library, [i.record for i in good if i.record is not None], vectors if good else None, failures)
-    report.encoded += len(good)
+    write_batch(library, records, vectors if records else None, failures)
+    report.encoded += len(records)
     report.decoded += len(batch)
     report.decode_seconds += sum(i.decode_seconds for i in batch)
     report.failures += [(f["path"], f["reason"]) for f in failures]
