@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from clipsearch.errors import IndexFileError, ModelError
-from clipsearch.index import VectorIndex, builtin_captions, choose_index
+from clipsearch.index import VectorIndex, builtin_captions, choose_index, flat_plan
 from clipsearch.library import Library
 from clipsearch.memory import resolve_memory_budget
 from clipsearch.vectors import VectorStore
@@ -39,9 +39,18 @@ def load_synced_index(library: Library, previous: VectorIndex | None, reload: bo
         return None
     index = previous if previous is not None and not reload else _load_or_none(library)
     if index is None:
-        return VectorIndex.build(library.vectors(), ids)
+        return _interim_index(library.vectors(), ids)
     sync_index(index, library.vectors(), ids)
     return index
+
+
+def _interim_index(vectors: VectorStore, ids: np.ndarray) -> VectorIndex:
+    """What a reader searches when no index is saved yet (the writer's first run is still encoding, or the
+    index was deleted): an exact flat index, which is ready in seconds, where training and tuning IVF-PQ would
+    keep the first query waiting for minutes at 10^6 photos. The writer saves the tuned index at the end of its
+    run, and the reader's next query picks it up. Past the memory budget the reader builds as the writer would."""
+    fits = len(ids) * vectors.dim * 4 <= resolve_memory_budget()
+    return VectorIndex.build(vectors, ids, plan=flat_plan() if fits else None)
 
 
 def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> bool:

@@ -489,3 +489,18 @@ def test_index_takes_a_memory_budget_and_refuses_a_bad_one_before_any_work(run_c
 
     run_cli("index", str(shapes_folder), "--memory-budget", "64MB", model=random_model)
     assert json.loads(run_cli("stats", "--json").stdout)["indexed"] == 18
+
+
+def test_a_reader_without_a_saved_index_searches_exactly_at_once(tmp_path, monkeypatch):
+    from clipsearch.index import exact_search
+    from clipsearch.sync import load_synced_index
+
+    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1024)  # so that this small library calls for IVF-PQ
+    library = make_library(tmp_path / "lib", photos(N, seed=0))
+    assert index_module.choose_index(N, DIM).kind == "ivfpq"
+
+    index = load_synced_index(library, None)
+    assert index is not None and index.params.kind == "flat", "exact, not trained and tuned in the reader"
+    assert VectorIndex.load(library.index_dir) is None, "a reader saves nothing"
+    queries, store, ids = photos(20, seed=9), library.vectors(), library.store.all_ids()
+    np.testing.assert_array_equal(index.search(queries, K, store)[1], exact_search(queries, K, store, ids)[1])
