@@ -112,7 +112,7 @@ MEMORY_BUDGET_HELP = ("Most memory the index build may use, e.g. 512MB or 2GiB; 
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default: 32 CPU, 256 GPU).")
 @click.option("--workers", type=click.IntRange(0, 256),
               help="Decode workers: threads on a CPU, processes on a GPU; 0 = decode in the encoding thread "
-                   "(default: one per core; on a GPU one per core but one).")
+                   "(default: one per core; on a GPU one per core but one; with --ray, processes per actor).")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option("--wait", type=float, default=0.0, help="Seconds to wait for another writer to finish.")
 @click.option("--ray", metavar="ADDRESS",

@@ -14,6 +14,7 @@ of the stored vectors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -211,6 +212,8 @@ def _encode_on_ray(
     from clipsearch.indexer import distributed
 
     cluster = distributed.current_cluster_plan(options.device)
+    if options.workers:  # decode processes per actor; 0 keeps the plan's (an actor always decodes in a pool)
+        cluster = dataclasses.replace(cluster, decode_workers=options.workers)
     clip = ClipModel.load(spec, "cpu")
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(cluster.device)

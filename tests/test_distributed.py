@@ -77,12 +77,12 @@ def test_a_library_built_on_the_cluster_is_the_one_a_local_run_builds(tmp_path, 
     try:
         run_cli("index", str(corpus), "--library", str(local), "--batch-size", "8", model=random_model)
         result = run_cli("index", str(corpus), "--library", str(clustered), "--batch-size", "8", "--json",
-                         "--ray", ray_cluster, model=random_model, timeout=600)
+                         "--workers", "2", "--ray", ray_cluster, model=random_model, timeout=600)
     finally:
         restore_permissions(corpus)
 
     report = json.loads(result.stdout)
-    assert report["decode_pool"] == "ray: 2 actors x 1 CPU"
+    assert report["decode_pool"] == "ray: 2 actors x 1 CPU" and report["workers"] == 2 * 2
     expected_rows, expected_vectors, expected_errors = library_rows(local)
     rows, vectors, errors = library_rows(clustered)
     assert rows == expected_rows and len(rows) >= 24  # same paths, metadata and ids, in the same order
