@@ -8,9 +8,10 @@
 Everything before and after the encoding is the local pipeline's (`pipeline.py`): the driver crawls and plans,
 applies moves and deletions, and writes every batch with the same write order (vectors fsynced, then one SQLite
 transaction), so a killed driver resumes like a local run. What runs on the cluster is the part that scales
-with the number of files: a Ray Data `map_batches` over an actor pool, each actor loading the model once and
-decoding with a pool of worker processes (a hostile file that crashes a decoder costs a worker process and is
-recorded, exactly as locally; it never kills the actor, so Ray never retries it).
+with the number of files: a Ray Data `map_batches` over an actor pool (run by a small coordinating actor, so that
+a driver connected through Ray Client works too), each actor loading the model once and decoding with a pool of
+worker processes (a hostile file that crashes a decoder costs a worker process and is recorded, exactly as
+locally; it never kills the actor, so Ray never retries it).
 
 Workers open files by the paths the driver found, so every node must see the photos at the same paths (an
 NFS or SMB mount, a bucket mounted at the same place), and must have clipsearch installed with the same model
@@ -173,44 +174,68 @@ def encode_on_cluster(
     failed on the cluster come back as failed items (with the reason) at the end."""
     ray = _import_ray()
     seen = np.zeros(len(files), dtype=bool)
-    with _data_context(ray):  # a dataset keeps the settings that are current when it is made
-        dataset = _encoded_dataset(ray, files, spec, cluster, batch_size)
-        try:
-            for columns in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                seen[columns["ordinal"]] = True
-                yield _from_columns(columns, files)
-        except (ray.exceptions.RayError, ConnectionError) as error:
-            raise ClusterError(
-                f"The Ray cluster failed during the run ({_first_line(error)}); every batch written so far is "
-                "kept: run the same command again to go on."
-            ) from error
+    coordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator).remote(
+        _file_blocks(files, batch_size), spec.to_dict(), cluster.__dict__, batch_size, worker_environment())
+    try:
+        pending = coordinator.next_batch.remote()
+        while (columns := ray.get(pending)) is not None:
+            pending = coordinator.next_batch.remote()  # the cluster goes on while this batch is written
+            seen[columns["ordinal"]] = True
+            yield _from_columns(columns, files)
+    except (ray.exceptions.RayError, ConnectionError) as error:
+        raise ClusterError(
+            f"The Ray cluster failed during the run ({_first_line(error)}); every batch written so far is "
+            "kept: run the same command again to go on."
+        ) from error
+    finally:
+        ray.kill(coordinator)  # its actor pool goes with it
     lost = [files[int(i)] for i in np.flatnonzero(~seen)]
     if lost:
         yield _lost_batch(lost)
 
 
-def _encoded_dataset(ray: Any, files: Sequence[FoundFile], spec: ModelSpec, cluster: ClusterPlan,
-                     batch_size: int) -> Any:
+class _Coordinator:
+    """Runs the Ray Data pipeline on a node of the cluster and hands its batches to the driver one at a time.
+
+    A driver that is itself a node could iterate the dataset directly, but one connected through Ray Client
+    (ray://host:10001) cannot: Ray Data's executor needs the Ray core that only nodes have. One path serves
+    both; what it costs is one hop of the vectors through the object store.
+    """
+
+    def __init__(self, blocks: list[Any], spec: dict[str, Any], cluster: dict[str, Any], batch_size: int,
+                 environment: dict[str, str]) -> None:
+        ray = _import_ray()
+        with _data_context(ray):  # a dataset keeps the settings that are current when it is made
+            dataset = _encoded_dataset(ray, ray.data.from_arrow(blocks), spec, cluster, batch_size, environment)
+        self._batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _encoded_dataset(ray: Any, files: Any, spec: dict[str, Any], cluster: dict[str, Any], batch_size: int,
+                     environment: dict[str, str]) -> Any:
+    plan = ClusterPlan(**cluster)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing max_task_retries to map_batches but offers no other way to bound them.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return _file_dataset(ray, files, batch_size).map_batches(
+        return files.map_batches(
             _EncodeActor,
             batch_size=batch_size,
             # Two calls at once per actor: one decodes batch n+1 while the other encodes batch n (see _EncodeActor).
-            compute=ray.data.ActorPoolStrategy(size=cluster.actors, max_concurrent_calls_per_actor=2,
+            compute=ray.data.ActorPoolStrategy(size=plan.actors, max_concurrent_calls_per_actor=2,
                                                enable_true_multi_threading=True),
-            fn_constructor_kwargs={"spec": spec.to_dict(), "cluster": cluster.__dict__, "batch_size": batch_size},
-            num_cpus=cluster.cpus_per_actor,
-            num_gpus=cluster.gpus_per_actor,
-            runtime_env={"env_vars": worker_environment()},
+            fn_constructor_kwargs={"spec": spec, "cluster": cluster, "batch_size": batch_size},
+            num_cpus=plan.cpus_per_actor,
+            num_gpus=plan.gpus_per_actor,
+            runtime_env={"env_vars": environment},
             max_task_retries=TASK_RETRIES,
             max_restarts=-1,
         )
 
 
-def _file_dataset(ray: Any, files: Sequence[FoundFile], batch_size: int) -> Any:
-    """The files as a dataset of one block per batch: each block is one unit of work and of retry."""
+def _file_blocks(files: Sequence[FoundFile], batch_size: int) -> list[Any]:
+    """The files as Arrow tables of one batch each: for Ray Data, each is one unit of work and of retry."""
     import pyarrow as pa
 
     blocks = []
@@ -222,7 +247,7 @@ def _file_dataset(ray: Any, files: Sequence[FoundFile], batch_size: int) -> Any:
             "size": np.array([f.size for f in chunk], dtype=np.int64),
             "mtime_ns": np.array([f.mtime_ns for f in chunk], dtype=np.int64),
         }))
-    return ray.data.from_arrow(blocks)
+    return blocks
 
 
 class _data_context:  # noqa: N801  (used as a context manager, named like one)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +30,28 @@ PHOTOS = 80
 FP16_TOLERANCE = 1e-3  # what a GPU worker's fp16 encoder may differ by; on these CPUs the vectors are equal
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # host:port, for a driver on a node of the cluster
+    client_address: str  # ray://host:port, for a driver connected through Ray Client
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A two-node cluster on this machine; yields the address to give `--ray`."""
+def ray_cluster() -> Iterator[RayCluster]:
+    """A two-node cluster on this machine, with a Ray Client server on its head."""
     ray = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1",
               "--disable-usage-stats"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false",
-                        *common], check=True, capture_output=True, env=env, timeout=120)
+                        f"--ray-client-server-port={client_port}", *common], check=True, capture_output=True, env=env,
+                       timeout=120)
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], check=True, capture_output=True,
                        env=env, timeout=120)
-        yield f"127.0.0.1:{port}"
+        yield RayCluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -77,7 +85,7 @@ def test_a_library_built_on_the_cluster_is_the_one_a_local_run_builds(tmp_path, 
     try:
         run_cli("index", str(corpus), "--library", str(local), "--batch-size", "8", model=random_model)
         result = run_cli("index", str(corpus), "--library", str(clustered), "--batch-size", "8", "--json",
-                         "--workers", "2", "--ray", ray_cluster, model=random_model, timeout=600)
+                         "--workers", "2", "--ray", ray_cluster.address, model=random_model, timeout=600)
     finally:
         restore_permissions(corpus)
 
@@ -90,7 +98,7 @@ def test_a_library_built_on_the_cluster_is_the_one_a_local_run_builds(tmp_path, 
     assert errors == expected_errors and len(errors) >= 5
     assert report["encoded"] == len(rows) and len(report["errors"]) == len(errors)
 
-    again = run_cli("index", str(corpus), "--library", str(clustered), "--ray", ray_cluster, model=random_model)
+    again = run_cli("index", str(corpus), "--library", str(clustered), "--ray", ray_cluster.address, model=random_model)
     assert f"0 encoded (0 new, 0 changed), 0 moved, 0 removed, {len(rows)} unchanged" in again.stdout
 
 
@@ -99,12 +107,12 @@ def test_a_killed_driver_resumes_and_a_killed_worker_is_replaced(tmp_path, ray_c
     for n in range(PHOTOS):  # enough batches that work is left when the driver is killed after its first
         write(corpus / f"{n:02d}.jpg", jpeg_bytes(photo_like(160, 120, seed=n)))
     killed = tmp_path / "killed"
-    driver = _start_index(killed, corpus, random_model, ray_cluster)
+    driver = _start_index(killed, corpus, random_model, ray_cluster.address)
     assert _wait_for_committed_rows(killed, driver, timeout=300) < PHOTOS
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
 
-    resumed = _start_index(killed, corpus, random_model, ray_cluster)
+    resumed = _start_index(killed, corpus, random_model, ray_cluster.address)
     os.kill(_working_actor(resumed), signal.SIGKILL)  # Ray restarts the actor and runs its batch again
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
@@ -138,6 +146,18 @@ def _working_actor(driver: subprocess.Popen[str], timeout: float = 300) -> int:
                 return int(pid)
         time.sleep(0.1)
     raise AssertionError(f"no encoding actor started working: {driver.communicate()[1][-2000:]}")
+
+
+def test_a_driver_connected_through_ray_client_builds_the_same_library(tmp_path, ray_cluster, random_model,
+                                                                       run_cli, shapes_folder):
+    local, clustered = tmp_path / "local", tmp_path / "clustered"
+    run_cli("index", str(shapes_folder), "--library", str(local), "--batch-size", "4", model=random_model)
+    run_cli("index", str(shapes_folder), "--library", str(clustered), "--batch-size", "4",
+            "--ray", ray_cluster.client_address, model=random_model, timeout=600)
+    expected_rows, expected_vectors, _ = library_rows(local)
+    rows, vectors, _ = library_rows(clustered)
+    assert rows == expected_rows and len(rows) == 18
+    np.testing.assert_allclose(vectors, expected_vectors, atol=FP16_TOLERANCE)
 
 
 def test_without_ray_installed_the_option_says_how_to_get_it(tmp_path, run_cli, shapes_folder, random_model):
