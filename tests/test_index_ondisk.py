@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_index import add_photos, make_library
 
 import clipsearch.index as index_module
 from clipsearch import ondisk
@@ -34,7 +35,6 @@ from clipsearch.index import (
 )
 from clipsearch.library import Library
 from clipsearch.memory import MEMORY_ENV, default_memory_budget, machine_memory, parse_size, resolve_memory_budget
-from clipsearch.model import ModelSpec
 from clipsearch.sync import refresh_index
 from clipsearch.vectors import VectorStore
 
@@ -335,23 +335,6 @@ def test_a_reader_brings_an_on_disk_index_in_step_without_writing_anything(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ the library
-
-
-def make_library(folder: Path, vectors: np.ndarray) -> Library:
-    library = Library.create(folder)
-    library.bind_model(ModelSpec.parse("local-dir:/models/test"), DIM)
-    add_photos(library, vectors)
-    return library
-
-
-def add_photos(library: Library, vectors: np.ndarray) -> np.ndarray:
-    """Commit photos the way the indexer does: vectors first, then the SQLite rows that point at them."""
-    with library.store.transaction() as conn:
-        ids = library.store.reserve_ids(len(vectors), conn)
-        library.vectors().write(np.array(ids), vectors)
-        rows = [{"id": i, "path": f"/photos/{i}.jpg", "size": 1, "mtime_ns": 1, "content_hash": str(i)} for i in ids]
-        library.store.insert_images(rows, conn)
-    return np.array(ids)
 
 
 def caption_encoder(captions: list[str]) -> np.ndarray:
