@@ -123,6 +123,7 @@ def test_encoding_gets_every_core_and_gives_torch_threads_back(
     torch.set_num_threads(1)
     try:
         index_folders(library, [folder], model=ModelSpec.parse(random_model),
+                      options=IndexOptions(backend="torch"),
                       progress=lambda event, _info: seen.setdefault(event, torch.get_num_threads()))
     finally:
         torch.set_num_threads(os.cpu_count() or 1)

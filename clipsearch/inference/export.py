@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -218,8 +219,24 @@ def _quantize(source: Path, target: Path) -> bool:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         return False
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    quiet = _DropRecordsFrom("quantize")  # its advice to pre-process is logged on the root logger, every time
+    root.addFilter(quiet)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.removeFilter(quiet)
     return True
+
+
+class _DropRecordsFrom(logging.Filter):
+    def __init__(self, module: str) -> None:
+        super().__init__()
+        self.module = module
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.module != self.module
 
 
 def _text_is_faithful(clip: ClipModel, folder: Path, tokenizer: dict[str, Any], text: dict[str, Any]) -> bool:

@@ -42,6 +42,7 @@ class Request:
     backend: str | None = None
     precision: str | None = None
     device: str | None = None
+    threads: int | None = None  # the runtime's threads (None: every core this process may use)
 
 
 def resolve_device(requested: str | None) -> str:
@@ -183,7 +184,8 @@ class ImageEncoderLoader:
             self.record = probe.load_record(self.export.key)
             choice = self._remembered_choice()
             if choice is not None:
-                self._encoder = build_image_encoder(self.export, *choice, clip=self._clip)
+                self._encoder = build_image_encoder(self.export, *choice, clip=self._clip,
+                                                    threads=self.request.threads)
                 self._drop_unused_torch()
         except BaseException as error:  # handed to the caller, in its thread
             self._error = error
@@ -244,7 +246,8 @@ class ImageEncoderLoader:
         pixels = np.ascontiguousarray(calibration[: probe.CALIBRATION_IMAGES])
 
         def build(backend: str, precision: str) -> ImageEncoder:
-            return build_image_encoder(self.export, backend, precision, clip=reference)  # type: ignore[arg-type]
+            return build_image_encoder(self.export, backend, precision, clip=reference,  # type: ignore[arg-type]
+                                       threads=self.request.threads)
 
         self.log(f"probe: timing {', '.join(probe.label(*c) for c in allowed)} on {len(pixels)} photos")
         probe.run_probe(self.record, [c for c in allowed if c != ("torch", "fp32")], pixels, build, reference,
@@ -258,11 +261,13 @@ class ImageEncoderLoader:
             self._require_faithful(names[0])
         best = None if fallback_only else self.record.fastest(names)
         choice = allowed[names.index(best)] if best else ("torch", "fp32")
+        if fallback_only and len(allowed) == 1:  # forced, with no photos to check it on here: as asked
+            choice = allowed[0]
         if not fallback_only:
             self.record.chosen = probe.label(*choice)
             probe.save_record(self.record)
             self.log(f"probe: chose {self.record.chosen}")
-        encoder = build_image_encoder(self.export, *choice, clip=self._clip)
+        encoder = build_image_encoder(self.export, *choice, clip=self._clip, threads=self.request.threads)
         self._drop_unused_torch()
         return encoder
 
