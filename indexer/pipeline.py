@@ -122,6 +122,7 @@ def index_folders(
     memory_budget = resolve_memory_budget(options.memory_budget)  # a bad setting is said before any work
     with library.writer_lock(options.wait), _cluster_connection(options.ray):
         spec = library.resolve_model(model)
+        _check_model_request(spec, options)
         library.store.add_roots(root_paths)
         plan = _plan(library, root_paths, options, notify)
         report = _report_from_plan(plan)
@@ -134,6 +135,20 @@ def index_folders(
 
 def _ignore(_event: str, _info: dict[str, Any]) -> None:
     return None
+
+
+def _check_model_request(spec: ModelSpec, options: IndexOptions) -> None:
+    """A backend and precision that do not go together, or weights that are neither exported nor on this machine
+    with no network to fetch them, are said at once (one sentence, before any other output), not after crawling
+    and a minute of download retries."""
+    from clipsearch.inference.export import find_export
+    from clipsearch.inference.loader import check_request
+    from clipsearch.inference.source import locate_or_explain
+
+    if (options.device or "cpu") == "cpu":
+        check_request(options.backend, options.precision)
+    if find_export(spec) is None:
+        locate_or_explain(spec)
 
 
 def _plan(library: Library, roots: list[str], options: IndexOptions, notify: Progress) -> Plan:

@@ -130,6 +130,18 @@ def available(candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
             if b == "torch" or (b == "onnxruntime" and onnxruntime) or (b == "openvino" and p in openvino)]
 
 
+def check_request(backend: str | None, precision: str | None) -> list[tuple[str, str]]:
+    """The CPU candidates a request leaves that this machine can run; BackendError with the reason when none."""
+    wanted = probe.candidates_for(backend, precision)
+    runnable = available(wanted)
+    if not runnable:  # only a forced choice can leave nothing: say why it cannot run
+        backend, precision = wanted[0]
+        if backend in INSTALL_HINTS and not is_installed(backend):
+            raise BackendError(INSTALL_HINTS[backend])
+        raise BackendError(f"The {backend} backend cannot run {precision} on this CPU.")
+    return runnable
+
+
 class ImageEncoderLoader:
     """Prepares an index run's image encoder in a background thread while the run crawls, plans and decodes.
 
@@ -213,16 +225,7 @@ class ImageEncoderLoader:
         return None
 
     def _allowed(self) -> list[tuple[str, str]]:
-        wanted = probe.candidates_for(self.request.backend, self.request.precision)
-        runnable = available(wanted)
-        if not runnable:  # only a forced choice can leave nothing: say why it cannot run
-            backend, precision = wanted[0]
-            if backend == "openvino" and not is_installed("openvino"):
-                raise BackendError(INSTALL_HINTS["openvino"])
-            if backend == "onnxruntime":
-                raise BackendError(INSTALL_HINTS["onnxruntime"])
-            raise BackendError(f"The {backend} backend cannot run {precision} on this CPU.")
-        return runnable
+        return check_request(self.request.backend, self.request.precision)
 
     def _require_faithful(self, name: str) -> None:
         assert self.record is not None
@@ -257,16 +260,18 @@ class ImageEncoderLoader:
     def _choose(self, allowed: list[tuple[str, str]], fallback_only: bool = False) -> ImageEncoder:
         assert self.export is not None and self.record is not None
         names = [probe.label(*c) for c in allowed]
-        if len(allowed) == 1 and not fallback_only:
+        forced = len(allowed) == 1
+        if forced and not fallback_only:
             self._require_faithful(names[0])
         best = None if fallback_only else self.record.fastest(names)
         choice = allowed[names.index(best)] if best else ("torch", "fp32")
-        if fallback_only and len(allowed) == 1:  # forced, with no photos to check it on here: as asked
+        if fallback_only and forced:  # forced, with no photos to check it on here: as asked
             choice = allowed[0]
         if not fallback_only:
-            self.record.chosen = probe.label(*choice)
+            if not forced:  # the machine's own choice; a forced run only adds its measurement
+                self.record.chosen = probe.label(*choice)
+                self.log(f"probe: chose {self.record.chosen}")
             probe.save_record(self.record)
-            self.log(f"probe: chose {self.record.chosen}")
         encoder = build_image_encoder(self.export, *choice, clip=self._clip, threads=self.request.threads)
         self._drop_unused_torch()
         return encoder

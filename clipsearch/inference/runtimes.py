@@ -32,9 +32,12 @@ def import_runtime(name: str) -> Any:
 
 
 def is_installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    """Whether the runtime imports (a package that is present but broken counts as missing)."""
+    try:
+        import_runtime(name)
+    except BackendError:
+        return False
+    return True
 
 
 class OnnxRuntimeSession:

@@ -21,7 +21,15 @@ from typing import Any
 
 from clipsearch.errors import ModelError
 from clipsearch.inference.cache import cache_dir, read_json, write_json
-from clipsearch.model import HF_HUB, LOCAL_DIR, ModelSpec, check_local_dir, missing_weights_message
+from clipsearch.model import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PRETRAINED,
+    HF_HUB,
+    LOCAL_DIR,
+    ModelSpec,
+    check_local_dir,
+    missing_weights_message,
+)
 
 SOURCES_FILE = "sources.json"
 HF_CONFIG_NAME = "open_clip_config.json"
@@ -32,6 +40,7 @@ CHECKPOINT_NAMES = (
     "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
 )  # fmt: skip
 NETWORK_TIMEOUT_S = 3.0
+DEFAULT_HF_HUB = "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K/"  # open_clip's entry for the default model
 
 
 @dataclass(frozen=True)
@@ -124,11 +133,19 @@ def _hub_cached(repo: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
-def _builtin(spec: ModelSpec) -> ModelSource | None:
-    """A built-in name's weights from open_clip's pretrained table: in the HF cache or open_clip's URL cache."""
+def _pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
+    """open_clip's pretrained table entry; the default model's is known here, so that its first run on a
+    machine without weights or network answers without importing torch (a test keeps it equal to open_clip's)."""
+    if (spec.name, spec.pretrained) == (DEFAULT_MODEL_NAME, DEFAULT_PRETRAINED):
+        return {"hf_hub": DEFAULT_HF_HUB}
     import open_clip
 
-    cfg: dict[str, Any] = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "") or {}
+    return open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "") or {}
+
+
+def _builtin(spec: ModelSpec) -> ModelSource | None:
+    """A built-in name's weights from open_clip's pretrained table: in the HF cache or open_clip's URL cache."""
+    cfg = _pretrained_cfg(spec)
     found: Path | None = None
     if cfg.get("file"):
         found = Path(cfg["file"])
