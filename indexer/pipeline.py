@@ -145,7 +145,7 @@ def _check_model_request(spec: ModelSpec, options: IndexOptions) -> None:
     from clipsearch.inference.loader import check_request
     from clipsearch.inference.source import locate_or_explain
 
-    if (options.device or "cpu") == "cpu":
+    if (options.device or "cpu") == "cpu" and (options.backend or options.precision):
         check_request(options.backend, options.precision)
     if find_export(spec) is None:
         locate_or_explain(spec)
@@ -281,7 +281,7 @@ def _encode_on_ray(
     cluster = distributed.current_cluster_plan(options.device)
     if options.workers:  # decode processes per actor; 0 keeps the plan's (an actor always decodes in a pool)
         cluster = dataclasses.replace(cluster, decode_workers=options.workers)
-    clip = load_text_encoder(spec)
+    clip = load_text_encoder(spec, export_if_missing=True)  # exported here, the workers of this machine reuse it
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(cluster.device)
     _announce(report, notify, len(plan.encode), cluster.actors * cluster.decode_workers, batch_size,

@@ -122,7 +122,8 @@ def test_exported_text_tower_gives_torch_scores(trained_model):
 
     spec = ModelSpec.parse(trained_model)
     clip = ClipModel.load(spec, "cpu")
-    exported = load_text_encoder(spec)
+    assert load_text_encoder(spec, backend="torch").backend == "torch"
+    exported = load_text_encoder(spec, export_if_missing=True)
     assert exported.backend == "onnxruntime"
     images = clip.encode_pixels(np.stack([clip.pixel_transform(p) for p in photos(35)]))
     texts = all_captions() + TOKEN_CORPUS

@@ -74,19 +74,25 @@ def ensure_export(spec: ModelSpec, clip: ClipModel | None = None, log: Log | Non
 
 
 def load_text_encoder(spec: ModelSpec, *, backend: str | None = None, device: str | None = None,
-                      log: Log | None = None) -> TextEncoder:
+                      export_if_missing: bool = False, log: Log | None = None) -> TextEncoder:
     """The text encoder for queries: the exported text tower in ONNX Runtime with the torch-free tokenizer when
-    the export passed its checks against open_clip (then neither torch nor open_clip is imported, once the export
-    is cached), else torch. ``backend="torch"`` or a GPU device asks for torch."""
+    the model's export is cached and passed its checks against open_clip (then neither torch nor open_clip is
+    imported), else torch. An index run on a CPU makes the export; ``export_if_missing`` makes it here instead
+    (once: seconds for small models, a minute for large ones). ``backend="torch"`` or a GPU device asks for
+    torch."""
     if backend not in (None, "torch", "onnxruntime", "openvino"):
         probe.candidates_for(backend, None)  # raises the unknown-backend sentence
     if backend == "torch" or (device not in (None, "", "auto", "cpu")):
         return ClipModel.load(spec, device)
     if not is_installed("onnxruntime"):
-        if backend == "onnxruntime":
+        if backend is not None:
             raise BackendError(INSTALL_HINTS["onnxruntime"])
         return ClipModel.load(spec, "cpu")
-    export, clip = ensure_export(spec, log=log)
+    export, clip = find_export(spec), None
+    if export is None:
+        if not export_if_missing and backend is None:
+            return ClipModel.load(spec, "cpu")
+        export, clip = ensure_export(spec, log=log)
     if export.text_file is None:
         return clip or ClipModel.load(spec, "cpu")
     return exported_text_encoder(export)
@@ -210,15 +216,18 @@ class ImageEncoderLoader:
                                "--precision, or use --device cpu.")
 
     def _remembered_choice(self) -> tuple[str, str] | None:
-        """The choice the record already answers: None when the probe must run."""
+        """The choice the record already answers: None when the probe must run. The usual case (the record's
+        choice, allowed by the request) imports no runtime but the chosen one."""
         assert self.record is not None
+        wanted = probe.candidates_for(self.request.backend, self.request.precision)
+        names = [probe.label(*c) for c in wanted]
+        if len(wanted) == 1 and names[0] in self.record.candidates:
+            self._require_faithful(names[0])
+            return wanted[0]
+        if self.record.chosen in names and self.record.faithful(self.record.chosen or ""):
+            return wanted[names.index(self.record.chosen or "")]
         allowed = self._allowed()
         names = [probe.label(*c) for c in allowed]
-        if len(allowed) == 1 and names[0] in self.record.candidates:
-            self._require_faithful(names[0])
-            return allowed[0]
-        if self.record.chosen in names and self.record.faithful(self.record.chosen or ""):
-            return allowed[names.index(self.record.chosen or "")]
         if all(n in self.record.candidates for n in names):
             best = self.record.fastest(names)
             return allowed[names.index(best)] if best else ("torch", "fp32")

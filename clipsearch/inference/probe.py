@@ -79,10 +79,12 @@ def candidates_for(backend: str | None, precision: str | None) -> list[tuple[str
         if value is not None and value not in known:
             raise BackendError(f"Unknown {name} {value!r}; choose one of {', '.join(known)}.")
     chosen = [(b, p) for b, p in CPU_CANDIDATES if backend in (None, b) and precision in (None, p)]
-    if not chosen:
-        raise BackendError(f"The {backend} backend has no {precision} precision on a CPU; "
-                           f"it has {', '.join(PRECISIONS[backend or 'torch'])}.")
-    return chosen
+    if chosen:
+        return chosen
+    if backend is None:
+        raise BackendError(f"No backend runs {precision} on a CPU; {precision} is for torch on a CUDA GPU.")
+    on_cpu = [p for b, p in CPU_CANDIDATES if b == backend]
+    raise BackendError(f"The {backend} backend has no {precision} precision on a CPU; it has {', '.join(on_cpu)}.")
 
 
 def run_probe(record: ProbeRecord, candidates: list[tuple[str, str]], pixels: np.ndarray,
