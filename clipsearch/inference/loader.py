@@ -294,7 +294,11 @@ def load_image_encoder(spec: ModelSpec, *, backend: str | None = None, precision
                        device: str | None = None, calibration: np.ndarray | None = None,
                        log: Log | None = None) -> ImageEncoder:
     """The image encoder this machine chose for ``spec`` (or the one forced); without a probe record and
-    without ``calibration`` photos to run the probe on, the torch fp32 reference."""
+    without ``calibration`` photos to run the probe on, the torch fp32 reference (which is also what a model
+    not exported yet gets, unless another backend is asked for: exporting is an index run's job)."""
+    if calibration is None and backend in (None, "torch") and precision in (None, "fp32") \
+            and resolve_device(device) == "cpu" and find_export(spec) is None:
+        return ClipModel.load(spec, "cpu")
     return ImageEncoderLoader(spec, Request(backend, precision, device), log).encoder(calibration)
 
 
