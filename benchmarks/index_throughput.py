@@ -63,8 +63,24 @@ def main() -> None:
         figures["backends"][f"{backend} {precision}"] = measure_backend(backend, precision, spec, folders, work,
                                                                         args, figures["decode"])
         write_json(args.out, figures, quiet=True)
+    if args.sweep_workers:
+        figures["workers_sweep"] = sweep_workers(figures["first_run"]["probe"]["chosen"], spec, folders, work, args)
     figures["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     write_json(args.out, figures)
+
+
+def sweep_workers(chosen: str, spec: ModelSpec, folders: dict[float, Path], work: Path,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The split of the cores between decoding and the runtime: the chosen backend end to end with each number
+    of decode threads (at the lowest priority; the runtime always gets every core)."""
+    backend, precision = chosen.split(" ", 1)
+    result: dict[str, Any] = {}
+    for workers in args.sweep_workers:
+        for mp, photos in folders.items():
+            extra = ("--backend", backend, "--precision", precision, "--workers", str(workers))
+            run = run_index(photos, work, spec, argparse.Namespace(**{**vars(args), "workers": None}), extra)
+            result[f"{workers} workers, {mp:g}mp"] = {k: run[k] for k in ("end_to_end_ips", "encoding_phase_ips")}
+    return result
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", default=None, help="Backends to measure, e.g. 'onnxruntime int8'.")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--sweep-workers", type=int, nargs="*", default=[],
+                        help="Also run the chosen backend with each of these numbers of decode threads.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-seconds", type=float, default=10.0, help="Shortest model-only measurement.")
     parser.add_argument("--workdir", default=None, help="Keep generated photos here (default: a temp folder).")

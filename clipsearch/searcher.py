@@ -185,6 +185,12 @@ class Searcher:
         return self._text_encoder
 
     @property
+    def model(self) -> _Encoders:
+        """Both encoders behind the calls the torch model used to offer (``encode_texts``, ``encode_images``,
+        ``image_size``, ``dim``), each loaded on first use; `text_encoder` and `image_encoder` say which is which."""
+        return _Encoders(self)
+
+    @property
     def image_encoder(self) -> ImageEncoder:
         """The image encoder for image queries: the backend this machine's probe chose for the model (or the one
         asked for), else torch."""
@@ -230,6 +236,25 @@ class Searcher:
         rows = self.library.store.images_by_ids([i for i, _ in found])
         # An id can be missing when a file was deleted after the index was loaded: skip it.
         return [_result_from_row(rows[i], s) for i, s in found if i in rows]
+
+
+class _Encoders:
+    def __init__(self, searcher: Searcher) -> None:
+        self._searcher = searcher
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self._searcher.text_encoder.encode_texts(texts)
+
+    def encode_images(self, images: list[Any]) -> np.ndarray:
+        return self._searcher.image_encoder.encode_images(images)
+
+    @property
+    def image_size(self) -> int:
+        return self._searcher.image_encoder.image_size
+
+    @property
+    def dim(self) -> int:
+        return self._searcher.text_encoder.dim
 
 
 def _result_from_row(row: dict[str, Any], score: float) -> Result:
