@@ -114,6 +114,11 @@ MEMORY_BUDGET_HELP = ("Most memory the index build may use, e.g. 512MB or 2GiB; 
               help="Decode workers: threads on a CPU, processes on a GPU; 0 = decode in the encoding thread "
                    "(default: one per core; on a GPU one per core but one; with --ray, processes per actor).")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino"]),
+              help="Inference backend (default: the fastest faithful one, measured once per machine and model).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16", "fp16"]),
+              help="Precision: fp32, int8 (onnxruntime), bf16 (openvino), fp16 (torch on CUDA) "
+                   "(default: measured, as --backend).")
 @click.option("--wait", type=float, default=0.0, help="Seconds to wait for another writer to finish.")
 @click.option("--ray", metavar="ADDRESS",
               help="Decode and encode on a Ray cluster: 'auto' (the one `ray start` joined this machine to), "
@@ -179,7 +184,8 @@ def _summary_line(report: Any) -> str:
     ]
     speed = ""
     if report.encoded:
-        speed = f"; {report.encode_ips:.1f} images/s encode, {report.decode_ips:.1f} images/s decode"
+        encoder = f" ({report.backend} {report.precision})" if report.backend else ""
+        speed = f"; {report.encode_ips:.1f} images/s encode{encoder}, {report.decode_ips:.1f} images/s decode"
     return f"Done in {report.elapsed:.1f}s: " + ", ".join(parts) + speed + "."
 
 
@@ -200,6 +206,10 @@ def _summary_line(report: Any) -> str:
 @click.option("--format", "formats", multiple=True, help="Only this file format, e.g. JPEG (repeatable).")
 @click.option("--min-score", type=float, help="Only results with at least this cosine similarity.")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino"]),
+              help="Inference backend for the query (default: the exported model without torch when cached).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16", "fp16"]),
+              help="Precision of the image encoder for --image queries (default: this machine's measured choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 @click.pass_context
 def search(ctx: click.Context, query: str | None, images: tuple[Path, ...], as_json: bool, **options: Any) -> None:
@@ -208,7 +218,8 @@ def search(ctx: click.Context, query: str | None, images: tuple[Path, ...], as_j
 
     settings = _settings(ctx, options.pop("library"), options.pop("model"), options.pop("pretrained"))
     searcher = Searcher(settings["library"], model=settings["model"], pretrained=settings["pretrained"],
-                        device=options.pop("device"))
+                        device=options.pop("device"), backend=options.pop("backend"),
+                        precision=options.pop("precision"))
     results = searcher.query(query, image=[str(p) for p in images] or None, **options)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
@@ -245,9 +256,17 @@ def _format_stats(facts: dict[str, Any]) -> str:
         f"indexed:  {facts['indexed']}",
         "formats:  " + ", ".join(f"{k} {v}" for k, v in facts["by_format"].items()),
         f"errors:   {facts['errors']}",
+        _format_encoder(facts.get("encoder")),
     ]
     lines += [f"  {e['path']}: {e['reason']}" for e in facts["error_list"][:50]]
     return "\n".join(lines + _format_index_facts(facts.get("index") or {}))
+
+
+def _format_encoder(encoder: dict[str, Any] | None) -> str:
+    if not encoder:
+        return "encoder:  not measured on this machine yet (the next `clipsearch index` measures it)"
+    return (f"encoder:  {encoder['backend']} {encoder['precision']} on this machine "
+            f"({encoder['images_per_second']} images/s, min cosine {encoder['min_cosine']} to torch fp32)")
 
 
 def _format_index_facts(index_facts: dict[str, Any]) -> list[str]:
@@ -293,9 +312,9 @@ def _rebuild(library: Any, settings: dict[str, Any], memory_budget: int | None =
 
 def _lazy_text_encoder(spec: Any) -> Callable[[list[str]], Any]:
     """The text encoder is needed only to tune an approximate index; load the model only then."""
-    from clipsearch.model import ClipModel
+    from clipsearch.inference import load_text_encoder
 
-    return lambda texts: ClipModel.load(spec).encode_texts(texts)
+    return lambda texts: load_text_encoder(spec).encode_texts(texts)
 
 
 @cli.command()

@@ -47,6 +47,9 @@ class IndexProgress:
             file=sys.stderr,
         )
 
+    def _on_model(self, info: dict[str, Any]) -> None:
+        tqdm.write(info["message"], file=sys.stderr)  # the export and the probe: once per machine and model
+
     def _on_encoding(self, info: dict[str, Any]) -> None:
         self._bar = tqdm(
             total=info["total"],

@@ -7,6 +7,7 @@ Every message is one sentence a person can act on; the CLI and the UI print it a
     │   ├── ModelMismatchError
     │   └── LibraryLockedError
     ├── ModelError            the model spec is unknown or its weights cannot be found
+    │   └── BackendError      an inference backend is missing, fails, or is not faithful to the model
     ├── QueryError            a query is empty, malformed, or names an image that cannot be read
     ├── SettingError          a setting (an option or environment variable) has a value that cannot be used
     ├── ClusterError          `index --ray`: Ray is not installed, no cluster answers, or the cluster failed
@@ -34,6 +35,11 @@ class LibraryLockedError(LibraryError):
 
 class ModelError(ClipsearchError):
     """The model cannot be loaded."""
+
+
+class BackendError(ModelError):
+    """An inference backend or precision cannot be used: its package is missing, it fails on this machine, or its
+    vectors are not faithful enough to the model's."""
 
 
 class QueryError(ClipsearchError):

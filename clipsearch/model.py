@@ -1,4 +1,5 @@
-"""The CLIP model: which one, loading it through open_clip, and turning pixels and text into unit vectors.
+"""The CLIP model: which one, loading it through open_clip, and the torch backend that turns pixels and text into
+unit vectors (the reference every other backend in `clipsearch.inference` is measured against).
 
 A model is named by a *spec*, exactly as open_clip's factory names it:
 
@@ -7,8 +8,9 @@ A model is named by a *spec*, exactly as open_clip's factory names it:
 - ``local-dir:/path``: a folder holding ``open_clip_config.json`` and ``open_clip_model.safetensors``.
 
 Preprocessing is split in two so that the expensive half runs in decode workers: ``PixelTransform`` (resize +
-centre crop, Pillow only, picklable) gives uint8 pixels; the encoder converts them to floats and normalises on
-the model's device, which keeps host-to-device copies four times smaller than float tensors.
+centre crop, Pillow only, picklable, in `clipsearch.inference.geometry`) gives uint8 pixels; the encoder converts
+them to floats and normalises on the model's device, which keeps host-to-device copies four times smaller than
+float tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipsearch.errors import ModelError
+from clipsearch.inference.geometry import Geometry, PixelTransform
 
 if TYPE_CHECKING:
     import torch
@@ -85,24 +88,11 @@ def choose_device(requested: str | None = None) -> str:
     return requested
 
 
-class PixelTransform:
-    """The geometric half of the model's preprocessing (resize + crop) as Pillow ops: PIL image in, uint8 out.
-
-    It is open_clip's own eval transform minus its last two steps (to-tensor and normalise), so indexing and
-    queries see exactly the pixels open_clip would feed the model. Picklable, for decode worker processes.
-    """
-
-    def __init__(self, geometric_steps: Any, size: int) -> None:
-        self.steps = geometric_steps
-        self.size = size
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        image = self.steps(image.convert("RGB"))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 class ClipModel:
-    """A loaded open_clip model on one device, encoding images and texts into L2-normalised float32 vectors."""
+    """A loaded open_clip model on one device, encoding images and texts into L2-normalised float32 vectors: the
+    torch backend (fp32 on a CPU, fp16 on CUDA)."""
+
+    backend = "torch"
 
     def __init__(self, spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
         import torch
@@ -110,10 +100,16 @@ class ClipModel:
         self.spec = spec
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.precision = "fp16" if device.startswith("cuda") else "fp32"
         self._model = model
-        self._tokenizer = tokenizer
-        self.pixel_transform, self._mean, self._std = _split_preprocess(preprocess, device)
+        self.tokenizer = tokenizer
+        self.geometry, self.mean, self.std = _preprocess_settings(model, preprocess)
+        self.pixel_transform = PixelTransform(self.geometry)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.mean, device=device).reshape(shape)
+        self._std = torch.tensor(self.std, device=device).reshape(shape)
         self.image_size = self.pixel_transform.size
+        self.logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
 
     @classmethod
@@ -121,6 +117,11 @@ class ClipModel:
         device = choose_device(device)
         model, preprocess, tokenizer = _load_open_clip(spec, device)
         return cls(spec, model, preprocess, tokenizer, device)
+
+    @property
+    def open_clip_model(self) -> Any:
+        """The open_clip module itself (for exporting its towers)."""
+        return self._model
 
     def encode_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(B, H, W, 3) uint8 pixels from ``pixel_transform`` → (B, dim) unit vectors."""
@@ -189,7 +190,7 @@ class ClipModel:
         """Texts → (N, dim) unit vectors."""
         import torch
 
-        tokens = self._tokenizer(texts).to(self.device)
+        tokens = self.tokenizer(texts).to(self.device)
         with torch.inference_mode():
             return _unit_rows(self._model.encode_text(tokens))
 
@@ -224,33 +225,28 @@ def _unit_rows(features: torch.Tensor) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _split_preprocess(preprocess: Any, device: str) -> tuple[PixelTransform, Any, Any]:
-    """Separate open_clip's Compose into (geometric steps, mean, std)."""
-    import torch
-    from torchvision.transforms import Compose, Normalize, ToTensor
+def _preprocess_settings(model: Any, preprocess: Any) -> tuple[Geometry, list[float], list[float]]:
+    """The geometry and normalisation open_clip's eval transform applies, from the model's preprocess config
+    (checked against the transform itself: the last two steps must be to-tensor and normalise)."""
+    from torchvision.transforms import Normalize, ToTensor
 
     steps = list(preprocess.transforms)
     normalize = steps[-1]
     if not isinstance(normalize, Normalize) or not isinstance(steps[-2], ToTensor):
         raise ModelError("This model's preprocessing is not resize, crop, to-tensor, normalise; it is not supported.")
-    geometric = Compose(steps[:-2])
-    size = int(np.asarray(geometric(_probe_image())).shape[0])
-    shape = (1, 3, 1, 1)
-    mean = torch.tensor(normalize.mean, device=device).reshape(shape)
-    std = torch.tensor(normalize.std, device=device).reshape(shape)
-    return PixelTransform(geometric, size), mean, std
-
-
-def _probe_image() -> Image.Image:
-    from PIL import Image
-
-    return Image.new("RGB", (640, 480))
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    cfg.setdefault("size", getattr(model.visual, "image_size", 224))
+    return Geometry.from_dict(cfg), [float(v) for v in normalize.mean], [float(v) for v in normalize.std]
 
 
 def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
-    import open_clip
+    from clipsearch.inference.source import locate_or_explain, quiet_hub_logging
 
     _check_known(spec)
+    quiet_hub_logging()
+    locate_or_explain(spec)  # weights not here and no network: say so now, not after a minute of retries
+    import open_clip
+
     precision = "fp16" if device.startswith("cuda") else "fp32"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -258,7 +254,7 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         )
         tokenizer = open_clip.get_tokenizer(spec.name)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelError(_missing_weights_message(spec)) from exc
+        raise ModelError(missing_weights_message(spec)) from exc
     model.eval()
     return model, preprocess, tokenizer
 
@@ -267,9 +263,7 @@ def _check_known(spec: ModelSpec) -> None:
     import open_clip
 
     if spec.name.startswith(LOCAL_DIR):
-        folder = Path(spec.name[len(LOCAL_DIR) :])
-        if not (folder / "open_clip_config.json").is_file():
-            raise ModelError(f"{folder} is not a model folder: it has no open_clip_config.json.")
+        check_local_dir(spec)
         return
     if spec.name.startswith(HF_HUB):
         return
@@ -286,7 +280,14 @@ def _check_known(spec: ModelSpec) -> None:
         )
 
 
-def _missing_weights_message(spec: ModelSpec) -> str:
+def check_local_dir(spec: ModelSpec) -> None:
+    """A clear error when a ``local-dir:`` spec does not name a model folder."""
+    folder = Path(spec.name[len(LOCAL_DIR) :])
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelError(f"{folder} is not a model folder: it has no open_clip_config.json.")
+
+
+def missing_weights_message(spec: ModelSpec) -> str:
     offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return (
         f"The weights of model {spec} could not be loaded: they are not in the local Hugging Face cache and could "

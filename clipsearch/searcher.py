@@ -11,13 +11,14 @@ import numpy as np
 
 from clipsearch.errors import QueryError
 from clipsearch.library import Library
-from clipsearch.model import ClipModel, ModelSpec
+from clipsearch.model import ModelSpec
 from clipsearch.query import Term, combine, parse_query
 from clipsearch.store import Filters
 
 if TYPE_CHECKING:
 
     from clipsearch.index import VectorIndex
+    from clipsearch.inference.encoders import ImageEncoder, TextEncoder
 
 ImageInput = "str | os.PathLike[str] | bytes | Image.Image"
 MAX_K = 10_000
@@ -66,12 +67,16 @@ class Searcher:
         model: str | None = None,
         pretrained: str | None = None,
         device: str | None = None,
+        backend: str | None = None,
+        precision: str | None = None,
     ) -> None:
         self.library = Library.open(library)
         requested = ModelSpec.parse(model, pretrained) if model else None
         self.spec = self.library.resolve_model(requested)
         self.device = device
-        self._model: ClipModel | None = None
+        self.backend, self.precision = backend, precision
+        self._text_encoder: TextEncoder | None = None
+        self._image_encoder: ImageEncoder | None = None
         self._index: VectorIndex | None = None
         self._stamp: tuple[Any, Any] = (None, None)
 
@@ -170,11 +175,31 @@ class Searcher:
         return library_stats(self.library, self.index())
 
     @property
-    def model(self) -> ClipModel:
-        """The CLIP model, loaded on first use (searches by stored vectors never load it)."""
-        if self._model is None:
-            self._model = ClipModel.load(self.spec, self.device)
-        return self._model
+    def text_encoder(self) -> TextEncoder:
+        """The text encoder, loaded on first use: the exported text tower without torch when this machine has the
+        model's export cached (`clipsearch.inference`), else torch. Searches by stored vectors never load it."""
+        if self._text_encoder is None:
+            from clipsearch.inference import load_text_encoder
+
+            self._text_encoder = load_text_encoder(self.spec, backend=self.backend, device=self.device)
+        return self._text_encoder
+
+    @property
+    def model(self) -> _Encoders:
+        """Both encoders behind the calls the torch model used to offer (``encode_texts``, ``encode_images``,
+        ``image_size``, ``dim``), each loaded on first use; `text_encoder` and `image_encoder` say which is which."""
+        return _Encoders(self)
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        """The image encoder for image queries: the backend this machine's probe chose for the model (or the one
+        asked for), else torch."""
+        if self._image_encoder is None:
+            from clipsearch.inference import load_image_encoder
+
+            self._image_encoder = load_image_encoder(self.spec, backend=self.backend, precision=self.precision,
+                                                     device=self.device)
+        return self._image_encoder
 
     def index(self) -> VectorIndex | None:
         """The library's index, reloaded when the writer swapped in a new one and kept in step with SQLite, so
@@ -198,12 +223,12 @@ class Searcher:
         parts: list[np.ndarray] = []
         weights: list[float] = []
         if terms:
-            parts.append(self.model.encode_texts([t.text for t in terms]))
+            parts.append(self.text_encoder.encode_texts([t.text for t in terms]))
             weights += [t.weight for t in terms]
         if images:
-            min_side = self.model.image_size
+            min_side = self.image_encoder.image_size
             pictures = [open_image_for_query(source, min_side=min_side) for source in images]
-            parts.append(self.model.encode_images(pictures))
+            parts.append(self.image_encoder.encode_images(pictures))
             weights += [image_weight] * len(pictures)
         return np.concatenate(parts), weights
 
@@ -211,6 +236,25 @@ class Searcher:
         rows = self.library.store.images_by_ids([i for i, _ in found])
         # An id can be missing when a file was deleted after the index was loaded: skip it.
         return [_result_from_row(rows[i], s) for i, s in found if i in rows]
+
+
+class _Encoders:
+    def __init__(self, searcher: Searcher) -> None:
+        self._searcher = searcher
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self._searcher.text_encoder.encode_texts(texts)
+
+    def encode_images(self, images: list[Any]) -> np.ndarray:
+        return self._searcher.image_encoder.encode_images(images)
+
+    @property
+    def image_size(self) -> int:
+        return self._searcher.image_encoder.image_size
+
+    @property
+    def dim(self) -> int:
+        return self._searcher.text_encoder.dim
 
 
 def _result_from_row(row: dict[str, Any], score: float) -> Result:

@@ -28,4 +28,18 @@ def library_stats(library: Library, index: VectorIndex | None) -> dict[str, Any]
         "index": index.describe() if index is not None else None,
         "index_kind": index.params.kind if index is not None else None,
         "schema_version": store.schema_version(),
+        "encoder": _encoder_choice(spec),
     }
+
+
+def _encoder_choice(spec: Any) -> dict[str, Any] | None:
+    """The backend and precision this machine's probe chose for the library's model (see
+    `clipsearch.inference.probe`), with what it measured; None before the first index run here."""
+    if spec is None:
+        return None
+    from clipsearch.inference import remembered_choice
+
+    try:
+        return remembered_choice(spec)
+    except OSError:  # the weights file went away: nothing chosen for them here
+        return None

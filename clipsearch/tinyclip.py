@@ -233,17 +233,19 @@ def model_config(embed_dim: int | None = None) -> dict[str, Any]:
     return cfg
 
 
-def write_config(out_dir: Path | str, model_cfg: dict[str, Any] | None = None) -> Path:
+def write_config(out_dir: Path | str, model_cfg: dict[str, Any] | None = None,
+                 preprocess_cfg: dict[str, Any] | None = None) -> Path:
     """Write `open_clip_config.json` in the layout open_clip's `local-dir:` / `hf-hub:` loaders read."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": model_cfg or model_config(), "preprocess_cfg": PREPROCESS_CFG}
+    config = {"model_cfg": model_cfg or model_config(), "preprocess_cfg": preprocess_cfg or PREPROCESS_CFG}
     path = out / CONFIG_FILENAME
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
 
-def save_local_dir(model: torch.nn.Module, out_dir: Path | str, model_cfg: dict[str, Any] | None = None) -> Path:
+def save_local_dir(model: torch.nn.Module, out_dir: Path | str, model_cfg: dict[str, Any] | None = None,
+                   preprocess_cfg: dict[str, Any] | None = None) -> Path:
     """Write `model` as an open_clip `local-dir:` folder: the config and fp16 safetensors weights.
 
     fp16 halves the checkpoint; open_clip casts the tensors back to the model's dtype when it loads them.
@@ -251,7 +253,7 @@ def save_local_dir(model: torch.nn.Module, out_dir: Path | str, model_cfg: dict[
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    write_config(out, model_cfg)
+    write_config(out, model_cfg, preprocess_cfg)
     state = {name: tensor.detach().to("cpu").half().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILENAME), metadata={"format": "pt"})
     return out
@@ -270,6 +272,30 @@ def random_init_dir(out_dir: Path | str, seed: int = 0, embed_dim: int | None = 
     torch.manual_seed(seed)
     cfg = model_config(embed_dim)
     return save_local_dir(_new_model(cfg), out_dir, cfg)
+
+
+# What open_clip's built-in ViT-B-32 family expects (OpenAI's statistics; DataComp weights use the same).
+BUILTIN_PREPROCESS_CFG: dict[str, Any] = {
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def random_builtin_dir(out_dir: Path | str, name: str = "ViT-B-32-256", seed: int = 0,
+                       vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None) -> Path:
+    """A `local-dir:` folder holding open_clip's built-in architecture `name` with random weights (nothing is
+    downloaded), optionally cut down (`vision={"layers": 2}`): for benchmarks, where speed does not depend on
+    the weights, and for tests that need the real architecture's graph."""
+    import open_clip
+    import torch
+
+    cfg = copy.deepcopy(open_clip.get_model_config(name))
+    cfg["vision_cfg"].update(vision or {})
+    cfg["text_cfg"].update(text or {})
+    torch.manual_seed(seed)
+    return save_local_dir(_new_model(cfg), out_dir, cfg, BUILTIN_PREPROCESS_CFG)
 
 
 def load_local_dir(model_dir: Path | str) -> tuple[Any, Callable[[Image.Image], Any], Any]:

@@ -42,7 +42,7 @@ from clipsearch.indexer.crawl import FoundFile
 from clipsearch.indexer.workers import DecodedItem, DecodePool
 
 from clipsearch.errors import ClusterError
-from clipsearch.model import ClipModel, ModelSpec
+from clipsearch.model import ModelSpec
 
 CONNECT_TIMEOUT_S = 5.0
 TASK_RETRIES = 3  # a batch whose actor dies this many times is recorded as failed
@@ -168,14 +168,17 @@ def current_cluster_plan(device: str | None) -> ClusterPlan:
 
 
 def encode_on_cluster(
-    files: Sequence[FoundFile], spec: ModelSpec, cluster: ClusterPlan, batch_size: int
+    files: Sequence[FoundFile], spec: ModelSpec, cluster: ClusterPlan, batch_size: int,
+    request: tuple[str | None, str | None] = (None, None),
 ) -> Iterator[EncodedBatch]:
     """Decode and encode ``files`` on the cluster; batches come back in the files' order. Files whose batch
-    failed on the cluster come back as failed items (with the reason) at the end."""
+    failed on the cluster come back as failed items (with the reason) at the end. ``request`` is the
+    (backend, precision) asked for; each worker otherwise uses its machine's probe record, else torch."""
     ray = _import_ray()
     seen = np.zeros(len(files), dtype=bool)
+    model = {"spec": spec.to_dict(), "backend": request[0], "precision": request[1]}
     coordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator).remote(
-        _file_blocks(files, batch_size), spec.to_dict(), cluster.__dict__, batch_size, worker_environment())
+        _file_blocks(files, batch_size), model, cluster.__dict__, batch_size, worker_environment())
     try:
         pending = coordinator.next_batch.remote()
         while (columns := ray.get(pending)) is not None:
@@ -202,18 +205,18 @@ class _Coordinator:
     both; what it costs is one hop of the vectors through the object store.
     """
 
-    def __init__(self, blocks: list[Any], spec: dict[str, Any], cluster: dict[str, Any], batch_size: int,
+    def __init__(self, blocks: list[Any], model: dict[str, Any], cluster: dict[str, Any], batch_size: int,
                  environment: dict[str, str]) -> None:
         ray = _import_ray()
         with _data_context(ray):  # a dataset keeps the settings that are current when it is made
-            dataset = _encoded_dataset(ray, ray.data.from_arrow(blocks), spec, cluster, batch_size, environment)
+            dataset = _encoded_dataset(ray, ray.data.from_arrow(blocks), model, cluster, batch_size, environment)
         self._batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
 
     def next_batch(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
-def _encoded_dataset(ray: Any, files: Any, spec: dict[str, Any], cluster: dict[str, Any], batch_size: int,
+def _encoded_dataset(ray: Any, files: Any, model: dict[str, Any], cluster: dict[str, Any], batch_size: int,
                      environment: dict[str, str]) -> Any:
     plan = ClusterPlan(**cluster)
     with warnings.catch_warnings():
@@ -225,7 +228,7 @@ def _encoded_dataset(ray: Any, files: Any, spec: dict[str, Any], cluster: dict[s
             # Two calls at once per actor: one decodes batch n+1 while the other encodes batch n (see _EncodeActor).
             compute=ray.data.ActorPoolStrategy(size=plan.actors, max_concurrent_calls_per_actor=2,
                                                enable_true_multi_threading=True),
-            fn_constructor_kwargs={"spec": spec, "cluster": cluster, "batch_size": batch_size},
+            fn_constructor_kwargs={"model": model, "cluster": cluster, "batch_size": batch_size},
             num_cpus=plan.cpus_per_actor,
             num_gpus=plan.gpus_per_actor,
             runtime_env={"env_vars": environment},
@@ -304,13 +307,17 @@ class _EncodeActor:
     encoder, and one user of the decode pool, whose crash recovery must see only its own files in flight.
     """
 
-    def __init__(self, spec: dict[str, Any], cluster: dict[str, Any], batch_size: int) -> None:
+    def __init__(self, model: dict[str, Any], cluster: dict[str, Any], batch_size: int) -> None:
+        from clipsearch.inference.loader import ImageEncoderLoader, Request
+
         plan = ClusterPlan(**cluster)
-        if plan.device == "cpu":
+        request = Request(model["backend"], model["precision"], plan.device,
+                          threads=plan.cpus_per_actor if plan.device == "cpu" else None)
+        self._clip = ImageEncoderLoader(ModelSpec.from_dict(model["spec"]), request).encoder()
+        if plan.device == "cpu" and self._clip.backend == "torch":
             import torch
 
             torch.set_num_threads(plan.cpus_per_actor)
-        self._clip = ClipModel.load(ModelSpec.from_dict(spec), plan.device)
         niceness = CPU_DECODE_NICENESS if plan.device == "cpu" else 0
         self._pool = DecodePool("processes", plan.decode_workers, self._clip.pixel_transform,
                                 self._clip.image_size, niceness)
@@ -367,5 +374,5 @@ def _item(columns: dict[str, np.ndarray], i: int, found: FoundFile) -> DecodedIt
 
 def worker_environment() -> dict[str, str]:
     """Environment the driver passes on, so workers find the same models offline."""
-    keys = ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+    keys = ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "CLIPSEARCH_CACHE")
     return {key: os.environ[key] for key in keys if key in os.environ}

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import sqlalchemy.exc
@@ -32,9 +33,16 @@ from clipsearch.indexer.workers import DecodedItem, PoolKind, decode_stream
 from clipsearch.errors import LibraryError
 from clipsearch.library import Library
 from clipsearch.memory import resolve_memory_budget
-from clipsearch.model import ClipModel, ModelSpec, PendingVectors
+from clipsearch.model import ModelSpec, PendingVectors
+
+if TYPE_CHECKING:
+    from clipsearch.inference.encoders import ImageEncoder, TextEncoder
 
 Progress = Callable[[str, dict[str, Any]], None]
+
+
+class TextsToVectors(Protocol):
+    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
 @dataclass
@@ -46,6 +54,8 @@ class IndexOptions:
     batch_size: int | None = None
     workers: int | None = None
     device: str | None = None
+    backend: str | None = None  # torch, onnxruntime or openvino; None: the probe's choice for this machine
+    precision: str | None = None  # fp32, int8, bf16 (fp16 on CUDA); None: the probe's choice
     wait: float = 0.0
     ray: str | None = None  # a Ray cluster's address ("auto", "host:port", "ray://host:10001"): encode there
     memory_budget: int | None = None  # bytes the index build may use (None: $CLIPSEARCH_INDEX_MEMORY, else half RAM)
@@ -73,6 +83,8 @@ class IndexReport:
     decode_pool: str = ""  # "threads", "processes" or "in-process"
     interrupted: bool = False
     index_kind: str | None = None
+    backend: str = ""  # the encoder that made this run's vectors
+    precision: str = ""
 
     @property
     def decode_ips(self) -> float:
@@ -110,6 +122,7 @@ def index_folders(
     memory_budget = resolve_memory_budget(options.memory_budget)  # a bad setting is said before any work
     with library.writer_lock(options.wait), _cluster_connection(options.ray):
         spec = library.resolve_model(model)
+        _check_model_request(spec, options)
         library.store.add_roots(root_paths)
         plan = _plan(library, root_paths, options, notify)
         report = _report_from_plan(plan)
@@ -122,6 +135,20 @@ def index_folders(
 
 def _ignore(_event: str, _info: dict[str, Any]) -> None:
     return None
+
+
+def _check_model_request(spec: ModelSpec, options: IndexOptions) -> None:
+    """A backend and precision that do not go together, or weights that are neither exported nor on this machine
+    with no network to fetch them, are said at once (one sentence, before any other output), not after crawling
+    and a minute of download retries."""
+    from clipsearch.inference.export import find_export
+    from clipsearch.inference.loader import check_request
+    from clipsearch.inference.source import locate_or_explain
+
+    if (options.device or "cpu") == "cpu" and (options.backend or options.precision):
+        check_request(options.backend, options.precision)
+    if find_export(spec) is None:
+        locate_or_explain(spec)
 
 
 def _plan(library: Library, roots: list[str], options: IndexOptions, notify: Progress) -> Plan:
@@ -172,24 +199,62 @@ def _encode_all(
     report: IndexReport,
     notify: Progress,
     stop: threading.Event,
-) -> ClipModel | None:
+) -> TextsToVectors | None:
     if not plan.encode:
         return None
     if options.ray:
         return _encode_on_ray(library, spec, plan, options, report, notify, stop)
-    clip = ClipModel.load(spec, options.device)
-    library.bind_model(spec, clip.dim)
-    batch_size = options.batch_size or default_batch_size(clip.device)
-    decoding = decode_plan(clip.device, len(plan.encode), options.workers)
-    _announce(report, notify, len(plan.encode), decoding.workers, batch_size,
-              decoding.kind if decoding.workers else "in-process")
+    from clipsearch.inference.loader import ImageEncoderLoader, Request, resolve_device
+
+    device = resolve_device(options.device)
+    loader = ImageEncoderLoader(spec, Request(options.backend, options.precision, device),
+                                log=lambda message: notify("model", {"message": message}))
+    batch_size = options.batch_size or default_batch_size(device)
+    decoding = decode_plan(device, len(plan.encode), options.workers)
     started = time.perf_counter()
-    stream = decode_stream(plan.encode, clip.pixel_transform, clip.image_size, decoding.workers,
+    # Decoding starts as soon as the pixel geometry is known (at once from a cached export) while the encoder
+    # is still being prepared in the loader's thread.
+    stream = decode_stream(plan.encode, loader.pixel_transform(), loader.pixel_transform().size, decoding.workers,
                            window=4 * batch_size, kind=decoding.kind, niceness=decoding.niceness)
-    with _torch_threads(decoding.torch_threads), contextlib.closing(stream):
-        _run_batches(library, clip, _batches(stream, batch_size), report, _Rate(len(plan.encode), notify), stop)
+    with contextlib.closing(stream):
+        batches = _batches(stream, batch_size)
+        first = next(batches, [])
+        encoder = loader.encoder(_calibration(first) if loader.needs_calibration() else None)
+        library.bind_model(spec, encoder.dim)
+        report.backend, report.precision = encoder.backend, encoder.precision
+        _announce(report, notify, len(plan.encode), decoding.workers, batch_size,
+                  decoding.kind if decoding.workers else "in-process")
+        with _torch_threads(decoding.torch_threads if encoder.backend == "torch" else None):
+            _run_batches(library, encoder, itertools.chain([first], batches), report,
+                         _Rate(len(plan.encode), notify), stop)
     report.encoding_elapsed = time.perf_counter() - started
-    return clip
+    return _text_encoder_of(encoder, spec)
+
+
+def _calibration(batch: list[DecodedItem]) -> np.ndarray | None:
+    """The probe's calibration photos: the run's first decoded photos, as the encoder will get them."""
+    from clipsearch.inference.probe import CALIBRATION_IMAGES
+
+    pixels = [item.pixels for item in batch if item.pixels is not None][:CALIBRATION_IMAGES]
+    return np.stack(pixels) if pixels else None
+
+
+def _text_encoder_of(encoder: Any, spec: ModelSpec) -> TextsToVectors:
+    """The torch encoder also encodes texts; for an exported one, the text tower is loaded only if the index
+    build asks for it (tuning an approximate index)."""
+    if hasattr(encoder, "encode_texts"):
+        return encoder  # type: ignore[no-any-return]
+    return _LazyTextEncoder(spec)
+
+
+class _LazyTextEncoder:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        from clipsearch.inference import load_text_encoder
+
+        return load_text_encoder(self.spec).encode_texts(texts)
 
 
 def _announce(report: IndexReport, notify: Progress, total: int, workers: int, batch_size: int, pool: str) -> None:
@@ -205,23 +270,26 @@ def _encode_on_ray(
     report: IndexReport,
     notify: Progress,
     stop: threading.Event,
-) -> ClipModel:
-    """Decode and encode on a Ray cluster (`distributed.py`); this process only plans and writes. The model is
-    also loaded here, on the CPU: its dimension is checked against the library before anything is written, and
-    its text encoder tunes the index afterwards, as in a local run."""
+) -> TextEncoder:
+    """Decode and encode on a Ray cluster (`distributed.py`); this process only plans and writes. The text
+    encoder is loaded here: its dimension is checked against the library before anything is written, and it
+    tunes the index afterwards, as in a local run."""
     from clipsearch.indexer import distributed
+
+    from clipsearch.inference import load_text_encoder
 
     cluster = distributed.current_cluster_plan(options.device)
     if options.workers:  # decode processes per actor; 0 keeps the plan's (an actor always decodes in a pool)
         cluster = dataclasses.replace(cluster, decode_workers=options.workers)
-    clip = ClipModel.load(spec, "cpu")
+    clip = load_text_encoder(spec, export_if_missing=True)  # exported here, the workers of this machine reuse it
     library.bind_model(spec, clip.dim)
     batch_size = options.batch_size or default_batch_size(cluster.device)
     _announce(report, notify, len(plan.encode), cluster.actors * cluster.decode_workers, batch_size,
               cluster.description)
     started = time.perf_counter()
     rate = _Rate(len(plan.encode), notify)
-    batches = distributed.encode_on_cluster(plan.encode, spec, cluster, batch_size)
+    batches = distributed.encode_on_cluster(plan.encode, spec, cluster, batch_size,
+                                            (options.backend, options.precision))
     with contextlib.closing(batches):
         for batch in batches:
             _commit_batch(library, batch.items, batch.vectors, batch.encode_seconds, report, rate)
@@ -251,7 +319,7 @@ def _cluster_connection(address: str | None) -> Iterator[None]:
 
 def _run_batches(
     library: Library,
-    clip: ClipModel,
+    clip: ImageEncoder,
     batches: Iterator[list[DecodedItem]],
     report: IndexReport,
     rate: _Rate,
@@ -279,7 +347,7 @@ class _Encoding:
     vectors: PendingVectors | None  # None when no file of the batch could be decoded
 
 
-def _start(clip: ClipModel, batch: list[DecodedItem]) -> _Encoding:
+def _start(clip: ImageEncoder, batch: list[DecodedItem]) -> _Encoding:
     pixels = [item.pixels for item in batch if item.pixels is not None]
     return _Encoding(batch, clip.start_encoding(pixels) if pixels else None)
 
@@ -361,7 +429,7 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "orig", exc))
 
 
-def _refresh_index(library: Library, clip: ClipModel | None, report: IndexReport, notify: Progress,
+def _refresh_index(library: Library, clip: TextsToVectors | None, report: IndexReport, notify: Progress,
                    memory_budget: int) -> None:
     from clipsearch.sync import refresh_index
 

@@ -35,7 +35,7 @@ import numpy as np
 from clipsearch.indexer.crawl import FoundFile
 
 from clipsearch.decode import DecodeFailure, decode_file
-from clipsearch.model import PixelTransform
+from clipsearch.inference.geometry import PixelTransform
 
 PoolKind = Literal["threads", "processes"]
 CRASHED = "decoding crashed the decoder"

@@ -7,18 +7,30 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 # Before anything imports huggingface_hub, which reads this once at import: no test may reach for the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Exported models and probe records go to one folder for the whole test session (so tests reuse each other's
+# exports, as the processes of one machine do), never to the user's cache; subprocesses inherit it.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="clipsearch-test-cache-"))
+os.environ["CLIPSEARCH_CACHE"] = str(TEST_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = REPO / "data" / "tiny-clip"
 SAMPLE_PHOTOS = REPO / "data" / "photos"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache() -> Any:
+    yield
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

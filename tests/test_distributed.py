@@ -28,6 +28,8 @@ from clipsearch.library import Library
 
 PHOTOS = 80
 FP16_TOLERANCE = 1e-3  # what a GPU worker's fp16 encoder may differ by; on these CPUs the vectors are equal
+# Runs whose vectors are compared use torch: an int8 backend's depend (within its fidelity) on the batch's photos.
+TORCH = ("--backend", "torch")
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,8 @@ def test_a_library_built_on_the_cluster_is_the_one_a_local_run_builds(tmp_path, 
         write(corpus / "photos" / f"{n:02d}.jpg", jpeg_bytes(photo_like(160, 120, seed=n)))
     local, clustered = tmp_path / "local", tmp_path / "clustered"
     try:
-        run_cli("index", str(corpus), "--library", str(local), "--batch-size", "8", model=random_model)
-        result = run_cli("index", str(corpus), "--library", str(clustered), "--batch-size", "8", "--json",
+        run_cli("index", str(corpus), "--library", str(local), "--batch-size", "8", *TORCH, model=random_model)
+        result = run_cli("index", str(corpus), "--library", str(clustered), "--batch-size", "8", "--json", *TORCH,
                          "--workers", "2", "--ray", ray_cluster.address, model=random_model, timeout=600)
     finally:
         restore_permissions(corpus)
@@ -119,7 +121,7 @@ def test_a_killed_driver_resumes_and_a_killed_worker_is_replaced(tmp_path, ray_c
     assert "0 errors" in out
 
     reference = tmp_path / "reference"
-    run_cli("index", str(corpus), "--library", str(reference), "--batch-size", "4", model=random_model)
+    run_cli("index", str(corpus), "--library", str(reference), "--batch-size", "4", *TORCH, model=random_model)
     rows, vectors, errors = library_rows(killed)
     expected_rows, expected_vectors, _ = library_rows(reference)
     by_path = {row["path"]: vector for row, vector in zip(rows, vectors, strict=True)}
@@ -131,8 +133,8 @@ def test_a_killed_driver_resumes_and_a_killed_worker_is_replaced(tmp_path, ray_c
 
 def _start_index(library: Path, corpus: Path, model: str, address: str) -> subprocess.Popen[str]:
     env = {**os.environ, "CLIPSEARCH_LIBRARY": str(library), "CLIPSEARCH_MODEL": model}
-    return subprocess.Popen([*clipsearch_command(), "index", str(corpus), "--batch-size", "4", "--ray", address],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*clipsearch_command(), "index", str(corpus), "--batch-size", "4", *TORCH, "--ray",
+                             address], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _working_actor(driver: subprocess.Popen[str], timeout: float = 300) -> int:
@@ -151,8 +153,8 @@ def _working_actor(driver: subprocess.Popen[str], timeout: float = 300) -> int:
 def test_a_driver_connected_through_ray_client_builds_the_same_library(tmp_path, ray_cluster, random_model,
                                                                        run_cli, shapes_folder):
     local, clustered = tmp_path / "local", tmp_path / "clustered"
-    run_cli("index", str(shapes_folder), "--library", str(local), "--batch-size", "4", model=random_model)
-    run_cli("index", str(shapes_folder), "--library", str(clustered), "--batch-size", "4",
+    run_cli("index", str(shapes_folder), "--library", str(local), "--batch-size", "4", *TORCH, model=random_model)
+    run_cli("index", str(shapes_folder), "--library", str(clustered), "--batch-size", "4", *TORCH,
             "--ray", ray_cluster.client_address, model=random_model, timeout=600)
     expected_rows, expected_vectors, _ = library_rows(local)
     rows, vectors, _ = library_rows(clustered)

@@ -123,6 +123,7 @@ def test_encoding_gets_every_core_and_gives_torch_threads_back(
     torch.set_num_threads(1)
     try:
         index_folders(library, [folder], model=ModelSpec.parse(random_model),
+                      options=IndexOptions(backend="torch"),
                       progress=lambda event, _info: seen.setdefault(event, torch.get_num_threads()))
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -244,7 +245,7 @@ def test_batches_queued_ahead_keep_vectors_with_their_files(
     monkeypatch.setattr(ClipModel, "encodes_asynchronously", property(lambda self: True))
     folder = tmp_path / "photos"
     paths = [write(folder / f"{n:02d}.jpg", jpeg_bytes(photo_like(80, 60, seed=n))) for n in range(7)]
-    index(library_dir, folder, random_model, batch_size=3)
+    index(library_dir, folder, random_model, batch_size=3, backend="torch")  # the queue-ahead schedule is torch's
     library = Library.open(library_dir)
     for path in paths:
         row = library.store.image_by_path(str(path))
