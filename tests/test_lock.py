@@ -1,0 +1,72 @@
+"""The one-writer lock: portable (no fcntl needed), and a writer that is dying is waited for, not refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipsearch.errors import LibraryLockedError
+from clipsearch.library import Library, writer_is_exiting
+
+HOLD_THE_LOCK = (
+    "import sys, time; from clipsearch.library import Library;"
+    "lock = Library.open(sys.argv[1]).writer_lock(); lock.__enter__(); print('held', flush=True);"
+    "time.sleep(60)"
+)
+
+
+def test_the_package_imports_and_locks_without_fcntl(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "from clipsearch import Searcher\n"
+        "from clipsearch.library import Library\n"
+        "library = Library.create(sys.argv[1])\n"
+        "with library.writer_lock():\n"
+        "    print('locked', sys.modules['fcntl'] is None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lib")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["locked", "True"]
+
+
+def test_a_live_process_is_not_exiting_and_a_gone_or_zombie_one_is() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    quitter = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert not writer_is_exiting(sleeper.pid)
+        assert not writer_is_exiting(os.getpid())
+        _wait_until(lambda: writer_is_exiting(quitter.pid))  # a zombie until we reap it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        quitter.wait()
+    assert writer_is_exiting(quitter.pid)  # reaped: gone
+
+
+def test_a_killed_writer_is_waited_for_and_a_live_one_refused(tmp_path: Path) -> None:
+    library = Library.create(tmp_path / "lib")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(library.path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert int(library.pid_path.read_text()) == holder.pid
+        with pytest.raises(LibraryLockedError, match=f"pid {holder.pid}.* is writing"), library.writer_lock():
+            pass
+        holder.kill()  # not reaped: a zombie, as a killed writer is while its threads are torn down
+        with library.writer_lock():  # wait=0, yet the dying writer is waited for
+            assert int(library.pid_path.read_text()) == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _wait_until(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
