@@ -297,8 +297,9 @@ def _pillow_picture(data: bytes, min_side: int, max_pixels: int, with_metadata: 
     declared = image.size  # before draft, which shrinks image.size
     if min_side > 0:  # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale, never below min_side
         image.draft("RGB", (min_side, min_side))
-    metadata = read_metadata(image) if with_metadata else PhotoMetadata()
     pixels, applied = _upright_pixels(image, min_side, data)
+    # After loading: reading a PNG's EXIF loads it, and would hide a decoding error from _upright_pixels.
+    metadata = read_metadata(image) if with_metadata else PhotoMetadata()
     # A reader that turned the picture itself reported the upright size already, and left orientation 1.
     width, height = (declared[1], declared[0]) if applied >= 5 else declared
     return _Picture(pixels, width, height, image.format or "unknown", metadata)

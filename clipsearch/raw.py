@@ -65,8 +65,8 @@ def read_raw(data: bytes, name: str, min_side: int, max_pixels: int) -> RawConte
         with rawpy.imread(io.BytesIO(data)) as raw:
             return _contents(raw, data, name, min_side, max_pixels)
     except rawpy.LibRawFileUnsupportedError:
-        raise RawError("a RAW format that LibRaw cannot read (an unknown camera, or not a RAW file)") from None
-    except (rawpy.LibRawIOError, rawpy.LibRawDataError, rawpy.LibRawTooBigError) as _problem:
+        raise RawError("not a RAW file that LibRaw can read (a camera it does not know, or a damaged file)") from None
+    except (rawpy.LibRawIOError, rawpy.LibRawDataError, rawpy.LibRawTooBigError):
         raise RawError("truncated or corrupt RAW file") from None
     except rawpy.LibRawError:
         raise RawError("damaged RAW file: LibRaw could not decode it") from None

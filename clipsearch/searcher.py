@@ -145,44 +145,16 @@ class Searcher:
         wanted, fetch = k + offset, k + offset
         while True:  # shots merge results, so fetch more until there are enough or no more
             found, exhausted = self._nearest(index, vector, fetch, kind, allowed, min_score)
-            results = self._results(found) if separate_raw else self._one_per_shot(self._results(found))
+            results = self._results(found)
+            results = results if separate_raw else self._one_per_shot(results, filtered=allowed is not None)
             if len(results) >= wanted or exhausted or fetch >= MAX_K * 2:
                 return results[offset:wanted]
             fetch *= 2
 
-    def _nearest(self, index: VectorIndex, vector: np.ndarray, n: int, kind: str, allowed: np.ndarray | None,
-                 min_score: float | None) -> tuple[list[tuple[int, float]], bool]:
-        """(id, score) of the ``n`` nearest, best first, and whether there are no more to find."""
-        queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        scores, ids = index.search(queries, n, self.library.vectors(), kind=kind, allowed_ids=allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        exhausted = len(found) < n
-        if min_score is not None:
-            exhausted = exhausted or (bool(found) and found[-1][1] < min_score)
-            found = [(i, s) for i, s in found if s >= min_score]
-        return found, exhausted
-
-    def _one_per_shot(self, results: list[Result]) -> list[Result]:
-        """One result per shot: a RAW file and the files beside it with the same name are shown once, at the
-        rank of the best of them, by the file a viewer shows, with the others in ``other_paths``."""
-        hits: dict[str, list[Result]] = {}
-        for result in results:
-            hits.setdefault(_shot_key(result.path), []).append(result)
-        merged = []
-        for key, members in hits.items():
-            siblings = self.library.store.shot_paths(key)
-            if len(siblings) < 2 or not any(is_raw_name(path) for path in siblings):
-                merged += members
-                continue
-            shown = next((m for m in members if not is_raw_name(m.path)), members[0])
-            others = tuple(path for path in siblings if path != shown.path)
-            merged.append(replace(shown, score=max(m.score for m in members), other_paths=others))
-        return sorted(merged, key=lambda result: -result.score)
-
     def get(self, image_id: int) -> Result | None:
-        """The stored record of one indexed photo (score 1.0), or None."""
+        """The stored record of one indexed photo (score 1.0), with its shot's other files, or None."""
         row = self.library.store.images_by_ids([image_id]).get(image_id)
-        return _result_from_row(row, 1.0) if row else None
+        return self._one_per_shot([_result_from_row(row, 1.0)], filtered=True)[0] if row else None
 
     def facets(self) -> dict[str, Any]:
         """What the filters can choose from: indexed roots, formats, cameras and the date-taken range."""
@@ -244,6 +216,44 @@ class Searcher:
         rows = self.library.store.images_by_ids([i for i, _ in found])
         # An id can be missing when a file was deleted after the index was loaded: skip it.
         return [_result_from_row(rows[i], s) for i, s in found if i in rows]
+
+    def _nearest(self, index: VectorIndex, vector: np.ndarray, n: int, kind: str, allowed: np.ndarray | None,
+                 min_score: float | None) -> tuple[list[tuple[int, float]], bool]:
+        """(id, score) of the ``n`` nearest, best first, and whether there are no more to find."""
+        queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        scores, ids = index.search(queries, n, self.library.vectors(), kind=kind, allowed_ids=allowed)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        exhausted = len(found) < n
+        if min_score is not None:
+            exhausted = exhausted or (bool(found) and found[-1][1] < min_score)
+            found = [(i, s) for i, s in found if s >= min_score]
+        return found, exhausted
+
+    def _one_per_shot(self, results: list[Result], filtered: bool) -> list[Result]:
+        """One result per shot: a RAW file and the files beside it with the same name are shown once, at the
+        rank and score of the best of them, as the file a viewer shows (the JPEG; with filters in force, the
+        best file that meets them), with the others in ``other_paths``."""
+        hits: dict[str, list[Result]] = {}
+        for result in results:
+            hits.setdefault(_shot_key(result.path), []).append(result)
+        merged = []
+        for key, members in hits.items():
+            siblings = self.library.store.shot_paths(key)
+            if len(siblings) < 2 or not any(is_raw_name(path) for path in siblings):
+                merged += members
+                continue
+            shown = self._shown_member(members, [] if filtered else siblings)
+            others = tuple(path for path in siblings if path != shown.path)
+            merged.append(replace(shown, score=max(m.score for m in members), other_paths=others))
+        return sorted(merged, key=lambda result: -result.score)
+
+    def _shown_member(self, hits: list[Result], siblings: list[str]) -> Result:
+        viewable = next((m for m in hits if not is_raw_name(m.path)), None)
+        if viewable is not None:
+            return viewable
+        path = next((p for p in siblings if not is_raw_name(p)), None)
+        row = self.library.store.image_by_path(path) if path is not None else None
+        return _result_from_row(row, hits[0].score) if row is not None else hits[0]
 
 
 def _result_from_row(row: dict[str, Any], score: float) -> Result:
