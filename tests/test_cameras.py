@@ -235,6 +235,7 @@ def test_raw_is_read_from_its_preview_when_large_enough_else_demosaiced(tmp_path
 def test_a_raw_and_its_jpeg_are_one_result_unless_kept_apart(tmp_path: Path, library_dir: Path, run_cli,
                                                              random_model: str) -> None:
     from clipsearch.indexer.pipeline import index_folders
+
     from clipsearch.model import ModelSpec
     from clipsearch.searcher import Searcher
 
