@@ -331,3 +331,38 @@ def test_what_is_stored_agrees_with_exiftool(tmp_path: Path) -> None:
         assert (stored.gps_lat is None) == (latitude is None), path.name
         if latitude is not None:
             assert (stored.gps_lat, stored.gps_lon) == pytest.approx((latitude, longitude), abs=1e-6), path.name
+
+
+def test_raw_metadata_is_read_from_each_kind_of_container() -> None:
+    """LibRaw needs real sensor data to open CR3, RAF, ORF or RW2 files, which cannot be made here; their
+    metadata containers can, and are read the same way as the DNG's TIFF structure."""
+    import struct
+
+    from clipsearch.raw import _container_metadata
+
+    exif = exif_with({0x010F: "Canon", 0x0110: "EOS R6\x00"}, {0x9003: "2021:06:07 08:09:10", 0x9011: "+01:00"},
+                     gps=(51.5, -0.1))
+    def tiff(block: Image.Exif) -> bytes:  # a bare TIFF structure, as RAW containers hold EXIF
+        data = block.tobytes()
+        return data[6:] if data.startswith(b"Exif\x00\x00") else data
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    details = Image.Exif()
+    details.update({0x9003: "2021:06:07 08:09:10", 0x9011: "+01:00", 0xA434: "RF 35mm"})
+    uuid = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
+    cmt = box(b"CMT1", tiff(exif_with({0x010F: "Canon", 0x0110: "EOS R6"}))) + box(b"CMT2", tiff(details))
+    cr3 = box(b"ftyp", b"crx \x00\x00\x00\x01crx isom") + box(b"moov", box(b"uuid", uuid + cmt))
+    jpeg = jpeg_bytes(exif=exif)
+    raf = b"FUJIFILMCCD-RAW 0201FF383501" + b"\x00" * 56 + struct.pack(">II", 100, len(jpeg)) + b"\x00" * 8 + jpeg
+    big_endian = tiff(exif)
+    assert big_endian.startswith(b"MM")
+    orf = b"MMOR" + big_endian[4:]  # Olympus: a TIFF with its own magic number
+    for name, data in (("cr3", cr3), ("raf", raf), ("orf", orf)):
+        found = _container_metadata(data)
+        assert found is not None, name
+        assert (found.camera_make, found.camera_model, found.taken_at, found.taken_at_offset) == (
+            "Canon", "EOS R6", "2021-06-07T08:09:10", "+01:00"), name
+    assert _container_metadata(cr3).lens == "RF 35mm"
+    assert _container_metadata(raf).gps_lat == pytest.approx(51.5, abs=1e-4)
