@@ -42,8 +42,7 @@ from clipsearch.errors import QueryError
 from clipsearch.metadata import exif_or_none, read_metadata
 from clipsearch.photo import ImageRecord, PhotoMetadata
 
-__all__ = ["Decoded", "DecodeFailure", "PhotoMetadata", "decode_bytes", "decode_file", "read_metadata", "to_rgb",
-           "upright_image"]
+# PhotoMetadata, read_metadata and to_rgb are also this module's own API, as they were before they moved.
 
 DEFAULT_MIN_SIDE = 224
 # Pillow's own hard limit (2 × Image.MAX_IMAGE_PIXELS): we refuse nothing Pillow would open by itself, and a

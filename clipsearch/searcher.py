@@ -237,8 +237,9 @@ class Searcher:
         for result in results:
             hits.setdefault(_shot_key(result.path), []).append(result)
         merged = []
+        shots = self.library.store.shot_paths(list(hits))
         for key, members in hits.items():
-            siblings = self.library.store.shot_paths(key)
+            siblings = shots[key]
             if len(siblings) < 2 or not any(is_raw_name(path) for path in siblings):
                 merged += members
                 continue

@@ -144,12 +144,16 @@ class Store:
             return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
 
     def migrate(self) -> None:
-        """Run the migrations this database has not seen yet, each in its own transaction."""
-        current = self.schema_version()
-        for number, (_name, step) in enumerate(MIGRATIONS[current:], start=current + 1):
-            with self.transaction() as conn:
+        """Run the migrations this database has not seen yet, all in one transaction: a reader sees the schema
+        as it was or as it is now, never half-way (it would try to finish the migration itself, and wait for the
+        writer's lock). An explicit BEGIN, since Python's sqlite3 opens none before DDL by itself."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            current = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+            for number, (_name, step) in enumerate(MIGRATIONS[current:], start=current + 1):
                 step(conn)
                 conn.exec_driver_sql(f"PRAGMA user_version = {number}")
+            conn.commit()
 
     # --- settings -----------------------------------------------------------------------------------------
 
@@ -278,14 +282,17 @@ class Store:
             row = conn.execute(sa.select(images).where(images.c.path == path)).mappings().first()
         return dict(row) if row else None
 
-    def shot_paths(self, stem_path: str) -> list[str]:
-        """Paths of the indexed files named ``stem_path`` plus one extension ("/p/IMG_1" -> IMG_1.CR2, IMG_1.JPG),
-        sorted; a range over the unique path index, so it costs a lookup, not a scan."""
-        prefix = stem_path + "."
-        query = sa.select(images.c.path).where(images.c.path >= prefix, images.c.path < stem_path + "/")
+    def shot_paths(self, stem_paths: Sequence[str]) -> dict[str, list[str]]:
+        """For each ``stem_path``, the indexed files named it plus one extension ("/p/IMG_1" -> IMG_1.CR2,
+        IMG_1.JPG), sorted; ranges over the unique path index, so each costs a lookup, not a scan."""
+        found: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
-            paths = conn.execute(query.order_by(images.c.path)).scalars().all()
-        return [str(path) for path in paths if "." not in path[len(prefix):] and "/" not in path[len(prefix):]]
+            for stem_path in stem_paths:
+                prefix = stem_path + "."  # "." + 1 is "/": the range holds exactly the paths starting with prefix
+                query = sa.select(images.c.path).where(images.c.path >= prefix, images.c.path < stem_path + "/")
+                paths = conn.execute(query.order_by(images.c.path)).scalars().all()
+                found[stem_path] = [str(p) for p in paths if not set(p[len(prefix):]) & {".", "/"}]
+        return found
 
     def filter_ids(self, filters: Filters) -> np.ndarray:
         """Sorted ids of the images that meet every condition in ``filters``."""
