@@ -58,6 +58,8 @@ def lock_release_times(folder: Path, kills: int) -> list[float]:
 
     from clipsearch.tinyclip import random_init_dir
 
+    if kills <= 0:
+        return []
     model = f"local-dir:{random_init_dir(folder / 'model', seed=0)}"
     photos = folder / "photos"
     photos.mkdir()

@@ -73,7 +73,7 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXE
 
 @functools.cache
 def heif_available() -> bool:
-    """True when pillow-heif (the optional `heif` extra) can be imported, so HEIC/HEIF/AVIF can be decoded."""
+    """True when pillow-heif (a dependency, yet possibly missing from an odd install) can decode HEIC/HEIF/AVIF."""
     try:
         import pillow_heif  # noqa: F401
     except ImportError:
