@@ -200,11 +200,14 @@ def _summary_line(report: Any) -> str:
 @click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
 @click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many results (paging).")
 @click.option("--folder", type=click.Path(path_type=Path), help="Only photos under this folder.")
-@click.option("--after", help="Only photos taken on or after this date (YYYY-MM-DD).")
-@click.option("--before", help="Only photos taken on or before this date (YYYY-MM-DD).")
+@click.option("--after", help="Only photos taken on or after this date (YYYY-MM-DD, or a time: "
+                              "YYYY-MM-DDTHH:MM, with +HH:MM to mean an instant).")
+@click.option("--before", help="Only photos taken on or before this date (YYYY-MM-DD; a time is exclusive).")
 @click.option("--camera", help="Only photos whose camera make or model contains this text.")
 @click.option("--format", "formats", multiple=True, help="Only this file format, e.g. JPEG (repeatable).")
 @click.option("--min-score", type=float, help="Only results with at least this cosine similarity.")
+@click.option("--separate-raw", is_flag=True,
+              help="Show a RAW file and the JPEG beside it (same folder and name) as two results, not one.")
 @click.option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino"]),
               help="Inference backend for the query (default: the exported model without torch when cached).")
@@ -227,7 +230,8 @@ def search(ctx: click.Context, query: str | None, images: tuple[Path, ...], as_j
     if not results:
         click.echo("No results.", err=True)
     for result in results:
-        click.echo(f"{result.score:.4f}  {result.path}")
+        also = f"  (also {', '.join(Path(p).name for p in result.other_paths)})" if result.other_paths else ""
+        click.echo(f"{result.score:.4f}  {result.path}{also}")
 
 
 # --- stats, reindex, ui -------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ becomes a `DecodeFailure` whose reason is one short sentence, and indexing goes 
 Speed: a JPEG is decoded at reduced scale (libjpeg's DCT scaling through `Image.draft`), so a 12 MP photo
 costs about as much as a 0.2 MP one, and anything still far larger than the model needs is box-reduced by an
 integer factor before orientation and colour conversion. See `benchmarks/README.md` for measured figures.
+
+Orientation is applied exactly once, whoever applies it: Pillow's TIFF reader and pillow-heif turn the picture
+upright themselves (and then report the upright size and drop the EXIF tag); for every other format the EXIF
+orientation left after loading is applied here. Camera RAW files go through `raw.py`; colour and bit depth
+through `colour.py`; metadata through `metadata.py`. `upright_image` gives thumbnails the very same pixels.
 """
 
 from __future__ import annotations
@@ -18,21 +23,26 @@ import errno
 import functools
 import hashlib
 import io
-import math
 import os
 import re
 import stat
+import struct
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from PIL.ExifTags import GPS, IFD, Base
+from PIL.ExifTags import Base
 
+from clipsearch.colour import rgb_from_16bit, to_rgb
 from clipsearch.errors import QueryError
+from clipsearch.metadata import exif_or_none, read_metadata
+from clipsearch.photo import ImageRecord, PhotoMetadata
+
+# PhotoMetadata, read_metadata and to_rgb are also this module's own API, as they were before they moved.
 
 DEFAULT_MIN_SIDE = 224
 # Pillow's own hard limit (2 × Image.MAX_IMAGE_PIXELS): we refuse nothing Pillow would open by itself, and a
@@ -43,8 +53,10 @@ VANISHED = "file vanished before it could be read"
 
 # Only formats the crawler looks for: Image.open would otherwise also try e.g. EPS, which runs Ghostscript.
 _SAFE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
-_HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Pillow refuses a PNG whose zTXt/iTXt/iCCP chunk inflates past 1 MiB: an ICC profile or XMP packet can. These
+# limits keep the guard against inflation bombs; a PNG past even them is read again without those chunks.
+PNG_TEXT_CHUNK_LIMIT = 64 << 20
+PNG_TEXT_MEMORY_LIMIT = 256 << 20
 # ImageOps.exif_transpose's table, applied by hand: the stored width/height and the rotation then come from
 # one reading of the tag (they can never disagree), and the rotation runs on the small, reduced image.
 _ORIENTATION_TRANSPOSE = {
@@ -61,7 +73,7 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXE
 
 @functools.cache
 def heif_available() -> bool:
-    """True when pillow-heif (the optional `heif` extra) can be imported, so HEIC/HEIF/AVIF can be decoded."""
+    """True when pillow-heif (a dependency, yet possibly missing from an odd install) can decode HEIC/HEIF/AVIF."""
     try:
         import pillow_heif  # noqa: F401
     except ImportError:
@@ -69,23 +81,11 @@ def heif_available() -> bool:
     return True
 
 
-@dataclass
-class Decoded:
-    """One decoded image: model-ready pixels plus what gets stored about the file."""
+@dataclass(frozen=True, kw_only=True)
+class Decoded(ImageRecord):
+    """One decoded image: model-ready pixels plus what gets stored about the file (`ImageRecord`'s fields)."""
 
-    path: str
     image: Image.Image  # RGB, upright, reduced; shortest side >= min_side unless the original is smaller
-    width: int  # of the original, as a viewer shows it (after EXIF orientation)
-    height: int
-    format: str  # Pillow's format name: "JPEG", "PNG", "HEIF" ...
-    content_hash: str
-    size: int  # of the bytes actually read and hashed
-    mtime_ns: int  # from fstat of the descriptor those bytes came from; 0 for uploads
-    taken_at: str | None = None  # ISO 8601 local time, as the camera recorded it
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
 
 
 @dataclass
@@ -96,15 +96,15 @@ class DecodeFailure:
     reason: str
 
 
-@dataclass(frozen=True)
-class PhotoMetadata:
-    """What EXIF says about a photo; every field is None when absent or unusable."""
+@dataclass
+class _Picture:
+    """Upright 8-bit RGB pixels with the facts about the original that the library stores."""
 
-    taken_at: str | None = None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
+    pixels: Image.Image
+    width: int  # of the original, as a viewer shows it
+    height: int
+    format: str
+    metadata: PhotoMetadata
 
 
 class _Undecodable(Exception):
@@ -186,35 +186,6 @@ def reduce_for_model(image: Image.Image, min_side: int) -> Image.Image:
     return image.reduce(factor, box=(0, 0, width - width % factor, height - height % factor))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: high bit depths scaled (not clipped), transparency flattened on white."""
-    if image.mode in _HIGH_BIT_DEPTH_MODES:
-        image = _to_8bit_grey(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        return _flatten_on_white(image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def read_metadata(image: Image.Image) -> PhotoMetadata:
-    """Date taken, camera and GPS from EXIF (IFD0, the Exif IFD and the GPS IFD)."""
-    exif = _exif_or_none(image)
-    if exif is None:
-        return PhotoMetadata()
-    details = _ifd_or_empty(exif, IFD.Exif)
-    latitude, longitude = _gps_position(_ifd_or_empty(exif, IFD.GPSInfo))
-    return PhotoMetadata(
-        taken_at=_first_datetime(
-            details.get(Base.DateTimeOriginal), details.get(Base.DateTimeDigitized), exif.get(Base.DateTime)
-        ),
-        camera_make=_clean_text(exif.get(Base.Make)),
-        camera_model=_clean_text(exif.get(Base.Model)),
-        gps_lat=latitude,
-        gps_lon=longitude,
-    )
-
-
 # --- reading the bytes -------------------------------------------------------------------------------------
 
 
@@ -256,6 +227,26 @@ def _read_error_reason(error: OSError) -> str:
 
 # --- decoding ----------------------------------------------------------------------------------------------
 
+UNEXPECTED = "could not be decoded: the image library failed on it (the file may be damaged)"
+
+
+def upright_image(path: str, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | DecodeFailure:
+    """The picture a viewer shows, as 8-bit RGB, reduced but never below ``min_side``: exactly the pixels the model
+    is given, for thumbnails. Reads no metadata, hashes nothing; never raises."""
+    try:
+        data, _mtime_ns = _read_file(path)
+    except _Undecodable as problem:
+        return DecodeFailure(path, str(problem))
+    except OSError as error:
+        return DecodeFailure(path, _read_error_reason(error))
+    try:
+        with _pillow_warnings_silenced():
+            return _picture(data, path, min_side, max_pixels, with_metadata=False).pixels
+    except _Undecodable as problem:
+        return DecodeFailure(path, str(problem))
+    except Exception:  # the outer boundary, as in decode_file
+        return DecodeFailure(path, UNEXPECTED)
+
 
 def _decode_guarded(
     data: bytes, path: str, min_side: int, max_pixels: int, mtime_ns: int
@@ -265,33 +256,69 @@ def _decode_guarded(
             return _decode(data, path, min_side, max_pixels, mtime_ns)
     except _Undecodable as problem:
         return DecodeFailure(path, str(problem))
-    except Exception as error:  # the outer boundary: one strange file must never stop an indexing run
-        return DecodeFailure(path, f"could not be decoded ({type(error).__name__}: {_one_line(error)})")
+    except Exception:  # the outer boundary: one strange file must never stop an indexing run
+        return DecodeFailure(path, UNEXPECTED)
 
 
 def _decode(data: bytes, path: str, min_side: int, max_pixels: int, mtime_ns: int) -> Decoded:
-    if not data:
-        raise _Undecodable("empty file")
-    image = _open_image(data, max_pixels)
-    width, height = image.size  # before draft, which shrinks image.size
-    if min_side > 0:  # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale, never below min_side
-        image.draft("RGB", (min_side, min_side))
-    orientation = _orientation(image)
-    if orientation in (5, 6, 7, 8):  # a quarter turn: a viewer shows it the other way round
-        width, height = height, width
-    metadata = read_metadata(image)
-    pixels = _model_pixels(image, min_side, orientation)
+    picture = _picture(data, path, min_side, max_pixels, with_metadata=True)
     return Decoded(
         path=path,
-        image=pixels,
-        width=width,
-        height=height,
-        format=image.format or "unknown",
+        image=picture.pixels,
+        width=picture.width,
+        height=picture.height,
+        format=picture.format,
         content_hash=hash_bytes(data),
         size=len(data),
         mtime_ns=mtime_ns,
-        **dataclasses.asdict(metadata),
+        **dataclasses.asdict(picture.metadata),
     )
+
+
+def _picture(data: bytes, name: str, min_side: int, max_pixels: int, *, with_metadata: bool) -> _Picture:
+    if not data:
+        raise _Undecodable("empty file")
+    from clipsearch import raw
+
+    if raw.is_raw_name(name):
+        return _raw_picture(data, name, min_side, max_pixels)
+    try:
+        return _pillow_picture(data, min_side, max_pixels, with_metadata)
+    except _Undecodable:
+        lean = _without_ancillary_png_chunks(data)
+        if lean is None:
+            raise
+        return _pillow_picture(lean, min_side, max_pixels, with_metadata)
+
+
+def _pillow_picture(data: bytes, min_side: int, max_pixels: int, with_metadata: bool) -> _Picture:
+    image = _open_image(data, max_pixels)
+    declared = image.size  # before draft, which shrinks image.size
+    if min_side > 0:  # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale, never below min_side
+        image.draft("RGB", (min_side, min_side))
+    pixels, applied = _upright_pixels(image, min_side, data)
+    # After loading: reading a PNG's EXIF loads it, and would hide a decoding error from _upright_pixels.
+    metadata = read_metadata(image) if with_metadata else PhotoMetadata()
+    # A reader that turned the picture itself reported the upright size already, and left orientation 1.
+    width, height = (declared[1], declared[0]) if applied >= 5 else declared
+    return _Picture(pixels, width, height, image.format or "unknown", metadata)
+
+
+def _raw_picture(data: bytes, name: str, min_side: int, max_pixels: int) -> _Picture:
+    from clipsearch import raw
+
+    try:
+        contents = raw.read_raw(data, name, min_side, max_pixels)
+    except raw.RawError as problem:
+        raise _Undecodable(str(problem)) from None
+    if contents.pixels is not None:
+        pixels = reduce_for_model(Image.fromarray(contents.pixels, "RGB"), min_side)
+    else:
+        preview = _open_image(contents.preview or b"", max_pixels)
+        if min_side > 0:
+            preview.draft("RGB", (min_side, min_side))
+        pixels, _applied = _upright_pixels(preview, min_side, None, orientation=contents.orientation)
+    return _Picture(pixels, contents.width, contents.height, contents.format, contents.metadata)
 
 
 def _open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -308,21 +335,31 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _model_pixels(image: Image.Image, min_side: int, orientation: int) -> Image.Image:
+def _upright_pixels(
+    image: Image.Image, min_side: int, data: bytes | None, orientation: int | None = None
+) -> tuple[Image.Image, int]:
+    """Load, convert to RGB, reduce and turn upright; returns the pixels and the orientation applied here."""
+    low_bytes = _low_bytes_twin(image, data)  # set up before loading: it swaps the still undecoded tiles
+    _load(image)
+    applied = orientation if orientation is not None else _orientation(image)  # after load: what is left to do
+    rgb = _sixteen_bit_rgb(image, low_bytes) if low_bytes is not None else None
+    # Colour first (reduce() does not take every mode), then reduce, then rotate the small image.
+    pixels = reduce_for_model(rgb if rgb is not None else to_rgb(image), min_side)
+    transpose = _ORIENTATION_TRANSPOSE.get(applied)
+    return (pixels.transpose(transpose) if transpose is not None else pixels), applied
+
+
+def _load(image: Image.Image) -> None:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise _Undecodable(_broken_data_reason(image.format or "image", error)) from None
-    # Colour first (reduce() does not take every mode), then reduce, then rotate the small image.
-    pixels = reduce_for_model(to_rgb(image), min_side)
-    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
-    return pixels.transpose(transpose) if transpose is not None else pixels
 
 
 def _prepare_query_image(image: Image.Image, min_side: int) -> Image.Image:
     try:
         _check_pixel_count(image.size, DEFAULT_MAX_PIXELS)
-        return _model_pixels(image, min_side, _orientation(image))
+        return _upright_pixels(image, min_side, None)[0]
     except _Undecodable as problem:
         raise QueryError(f"The query image cannot be used: {problem}.") from None
 
@@ -335,18 +372,22 @@ def _pillow_warnings_silenced() -> Iterator[None]:
     (`catch_warnings` swaps a global filter list: fine in worker processes, racy but harmless in threads.)
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"(PIL|pillow_heif)(\.|$)")
+        warnings.filterwarnings("ignore", module=r"(PIL|pillow_heif|rawpy)(\.|$)")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
 
 
 @functools.cache
 def _allowed_formats() -> tuple[str, ...]:
+    from PIL import PngImagePlugin
+
     if heif_available():
         import pillow_heif
 
         pillow_heif.register_heif_opener()
     Image.init()  # register every plugin now, so the list below is complete
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PNG_TEXT_CHUNK_LIMIT)
+    PngImagePlugin.MAX_TEXT_MEMORY = max(PngImagePlugin.MAX_TEXT_MEMORY, PNG_TEXT_MEMORY_LIMIT)
     return tuple(name for name in _SAFE_FORMATS if name in Image.OPEN)
 
 
@@ -360,38 +401,81 @@ def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _orientation(image: Image.Image) -> int:
-    exif = _exif_or_none(image)
+    exif = exif_or_none(image)
     value = exif.get(Base.Orientation) if exif is not None else None
-    return value if isinstance(value, int) else 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-# --- colour modes ------------------------------------------------------------------------------------------
+# --- 16 bits per channel -------------------------------------------------------------------------------------
+
+# Pillow reads 16-bit RGB(A) PNGs and TIFFs as 8-bit, keeping each sample's high byte, so a dark 16-bit photo
+# comes out black. Decoding the same tiles again with the byte order swapped (Pillow's own unpackers) gives the
+# low bytes; together they are the full 16-bit samples, tone-mapped by `colour.py` like 16-bit grey.
+_NATIVE = "L" if sys.byteorder == "little" else "B"
+_SWAPPED_RAWMODE = {
+    f"{mode};16{order}": f"{mode};16{swapped}"
+    for mode in ("RGB", "RGBA")
+    for order, swapped in (("B", "L"), ("L", "B"), ("N", "B" if _NATIVE == "L" else "L"))
+}
 
 
-def _to_8bit_grey(image: Image.Image) -> Image.Image:
-    values = np.asarray(image, dtype=np.float32)
-    scaled = _scale_to_8bit(values, image.mode)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+def _low_bytes_twin(image: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A second, unloaded opening of a 16-bit RGB(A) image whose tiles give the low bytes; None otherwise."""
+    rawmodes = [_tile_rawmode(tile) for tile in getattr(image, "tile", [])] if data is not None else []
+    if not rawmodes or not all(mode in _SWAPPED_RAWMODE for mode in rawmodes):
+        return None
+    twin = Image.open(io.BytesIO(data or b""), formats=(image.format or "",))
+    if len(twin.tile) != len(rawmodes):
+        return None
+    twin.tile = [_with_rawmode(tile, _SWAPPED_RAWMODE[str(mode)]) for tile, mode in zip(twin.tile, rawmodes,
+                                                                                         strict=True)]
+    return twin
 
 
-def _scale_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit data maps 0..65535 onto 0..255 (Pillow's own convert clips, turning most photos white)."""
-    if mode.startswith("I;16"):
-        return values / 257
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode == "F" and low >= 0 and high <= 1:
-        return values * 255
-    if mode == "I" and low >= 0 and high <= 255:
-        return values
-    if mode == "I" and low >= 0 and high <= 65535:  # 16-bit data that an older Pillow opened as "I"
-        return values / 257
-    return (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+def _tile_rawmode(tile: Any) -> str | None:
+    args = getattr(tile, "args", None)
+    first = args[0] if isinstance(args, tuple) and args else args
+    return first if isinstance(first, str) else None
 
 
-def _flatten_on_white(image: Image.Image) -> Image.Image:
-    # White, not black: transparent logos and scans are drawn to be seen on a light page.
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image).convert("RGB")
+def _with_rawmode(tile: Any, rawmode: str) -> Any:
+    args = tile.args
+    return tile._replace(args=(rawmode, *args[1:]) if isinstance(args, tuple) else rawmode)
+
+
+def _sixteen_bit_rgb(image: Image.Image, low_bytes: Image.Image) -> Image.Image | None:
+    try:
+        low_bytes.load()
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None  # the 8-bit reading stands
+    high, low = np.asarray(image, dtype=np.uint16), np.asarray(low_bytes, dtype=np.uint16)
+    if high.shape != low.shape or high.ndim != 3:
+        return None
+    samples = (high << 8) | low
+    return rgb_from_16bit(samples[..., :3], samples[..., 3] if samples.shape[2] == 4 else None)
+
+
+# --- PNG metadata chunks -------------------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"acTL", b"fcTL", b"fdAT"})
+
+
+def _without_ancillary_png_chunks(data: bytes) -> bytes | None:
+    """The PNG with only the chunks that make up its pixels: what is left when a metadata chunk (an ICC profile,
+    an XMP packet) is too large even for the raised limits. None when not a PNG, or nothing to drop."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    kept, position, dropped = [_PNG_SIGNATURE], len(_PNG_SIGNATURE), False
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        if kind in _PNG_PIXEL_CHUNKS:
+            kept.append(data[position:end])
+        else:
+            dropped = True
+        position = end
+    return b"".join(kept) if dropped else None
 
 
 # --- reasons -----------------------------------------------------------------------------------------------
@@ -420,7 +504,7 @@ def _sniff_format(data: bytes) -> str | None:
 def _unidentified_reason(data: bytes) -> str:
     sniffed = _sniff_format(data)
     if sniffed == "HEIF/AVIF" and not heif_available():
-        return "HEIF/AVIF image, but pillow-heif is not installed (pip install 'clipsearch[heif]')"
+        return "HEIF/AVIF image, but pillow-heif is not installed to read it (pip install pillow-heif)"
     if sniffed is not None:
         return f"truncated or corrupt {sniffed} file (its header cannot be read)"
     return f"not an image ({_describe_content(data)})"
@@ -438,10 +522,9 @@ def _describe_content(data: bytes) -> str:
 
 
 def _broken_data_reason(image_format: str, error: BaseException) -> str:
-    message = _one_line(error)
-    if "truncat" in message.lower():
+    if "truncat" in str(error).lower():
         return f"truncated {image_format} file"
-    return f"corrupt {image_format} data ({message})"
+    return f"corrupt {image_format} file: its image data cannot be decoded"
 
 
 def _pillow_bomb_reason(error: Image.DecompressionBombError) -> str:
@@ -461,79 +544,3 @@ def _query_failure_message(failure: DecodeFailure) -> str:
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text[:200] if text else type(error).__name__
-
-
-# --- EXIF --------------------------------------------------------------------------------------------------
-
-
-def _exif_or_none(image: Image.Image) -> Image.Exif | None:
-    try:
-        return image.getexif()
-    except Exception:  # Pillow's EXIF parser raises many types on malformed data; metadata is optional
-        return None
-
-
-def _ifd_or_empty(exif: Image.Exif, tag: int) -> dict[int, Any]:
-    try:
-        return dict(exif.get_ifd(tag))
-    except Exception:  # as above: a broken sub-IFD costs that metadata, never the image
-        return {}
-
-
-def _clean_text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if not isinstance(value, str):
-        return None
-    return value.replace("\x00", " ").strip() or None
-
-
-_EXIF_DATETIME_FORMATS = ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M", "%Y-%m-%dT%H:%M:%S")
-
-
-def _first_datetime(*values: object) -> str | None:
-    for value in values:
-        parsed = _parse_exif_datetime(value)
-        if parsed is not None:
-            return parsed
-    return None
-
-
-def _parse_exif_datetime(value: object) -> str | None:
-    """EXIF's "2019:07:14 18:03:22" as ISO 8601; blanks and "0000:00:00 00:00:00" are None."""
-    text = _clean_text(value)
-    if text is None:
-        return None
-    for pattern in _EXIF_DATETIME_FORMATS:
-        try:
-            return datetime.strptime(text[:19], pattern).isoformat()
-        except ValueError:
-            continue
-    return None
-
-
-def _gps_position(gps: dict[int, Any]) -> tuple[float | None, float | None]:
-    latitude = _gps_coordinate(gps.get(GPS.GPSLatitude), gps.get(GPS.GPSLatitudeRef), "S", 90)
-    longitude = _gps_coordinate(gps.get(GPS.GPSLongitude), gps.get(GPS.GPSLongitudeRef), "W", 180)
-    if latitude is None or longitude is None:  # half a position is no position
-        return None, None
-    return latitude, longitude
-
-
-def _gps_coordinate(value: object, ref: object, negative_ref: str, limit: float) -> float | None:
-    """Degrees, minutes, seconds (rationals) as signed decimal degrees; None when unusable."""
-    parts = _rationals(value)
-    degrees = sum(part / 60**index for index, part in enumerate(parts[:3]))
-    if not parts or not math.isfinite(degrees) or not 0 <= degrees <= limit:
-        return None
-    sign = -1 if (_clean_text(ref) or "").upper().startswith(negative_ref) else 1
-    return sign * degrees
-
-
-def _rationals(value: object) -> list[float]:
-    """EXIF rationals as floats (Pillow gives NaN for a zero denominator); [] when not numbers at all."""
-    items: list[Any] = list(value) if isinstance(value, (tuple, list)) else [value]
-    try:
-        return [float(item) for item in items]
-    except (TypeError, ValueError, ZeroDivisionError):
-        return []

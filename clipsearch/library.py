@@ -5,18 +5,19 @@
       vectors.f32    exact embeddings, row = image id (vectors.py)
       index/         the FAISS index and its parameters: a cache, rebuilt from vectors.f32 when missing
       thumbs/        thumbnails for the UI
-      writer.lock    held (flock) by the one process that writes
+      writer.lock    held by the one process that writes (an OS file lock, through filelock)
+      writer.pid     the pid of the last process that took it, so others can say who writes and see it dying
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
 import sqlalchemy.exc
 
@@ -25,8 +26,17 @@ from clipsearch.model import ModelSpec
 from clipsearch.store import SCHEMA_VERSION, Store
 from clipsearch.vectors import VectorStore
 
+if TYPE_CHECKING:
+    import filelock
+
 LIBRARY_ENV = "CLIPSEARCH_LIBRARY"
 DB_NAME = "library.db"
+# How long a run waits for a writer that is already dying (killed, or gone with its lock not yet released).
+# Such a writer can no longer write, so waiting is safe; the kernel frees its lock only once its last thread
+# has exited, and under load its nice-19 decoding threads can take 10 s and more to be scheduled to die.
+# The wait ends the moment the lock is free; the limit only matters when an exit hangs (a dead network disk).
+DYING_WRITER_WAIT = 90.0
+_POLL_SECONDS = 0.05
 
 
 def default_library_path() -> Path:
@@ -91,6 +101,10 @@ class Library:
     def lock_path(self) -> Path:
         return self.path / "writer.lock"
 
+    @property
+    def pid_path(self) -> Path:
+        return self.path / "writer.pid"
+
     # --- model identity -----------------------------------------------------------------------------------
 
     def model_spec(self) -> ModelSpec | None:
@@ -135,17 +149,17 @@ class Library:
 
     @contextmanager
     def writer_lock(self, wait: float = 0.0) -> Iterator[None]:
-        """Hold the one-writer lock; wait up to ``wait`` seconds for it. The kernel drops it if we die."""
-        with open(self.lock_path, "a+") as handle:
-            _acquire(handle, wait, self.path)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Hold the one-writer lock; wait up to ``wait`` seconds for a live writer, and (longer, see
+        ``DYING_WRITER_WAIT``) for one that is exiting. The operating system drops the lock if we die."""
+        import filelock
+
+        lock = filelock.FileLock(str(self.lock_path))
+        _acquire(lock, wait, self)
+        try:
+            _record_pid(self.pid_path)
+            yield
+        finally:
+            lock.release()
 
     def _check_schema(self) -> None:
         version = self.store.schema_version()
@@ -175,18 +189,73 @@ def _open_store(db_path: Path) -> Store:
     return store
 
 
-def _acquire(handle: IO[str], wait: float, folder: Path) -> None:
-    deadline = time.monotonic() + wait
+def _acquire(lock: filelock.BaseFileLock, wait: float, library: Library) -> None:
+    import filelock
+
+    started = time.monotonic()
     while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.acquire(timeout=0)
             return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise LibraryLockedError(
-                    f"Another clipsearch process (pid {holder}) is writing to the library at {folder}; "
-                    "wait for it to finish, or pass --wait SECONDS to wait for it."
-                ) from None
-            time.sleep(0.2)
+        except filelock.Timeout:
+            pass
+        holder = _read_pid(library.pid_path)
+        waited = time.monotonic() - started
+        exiting = holder is not None and writer_is_exiting(holder)
+        if waited >= (max(wait, DYING_WRITER_WAIT) if exiting else wait):
+            raise LibraryLockedError(_locked_message(holder, exiting, library.path)) from None
+        time.sleep(_POLL_SECONDS)
+
+
+def _locked_message(holder: int | None, exiting: bool, folder: Path) -> str:
+    who = f"Another clipsearch process (pid {holder})" if holder else "Another clipsearch process"
+    if exiting:
+        return (f"{who} was writing to the library at {folder} and is still exiting after {DYING_WRITER_WAIT:.0f} s; "
+                "wait for it to end, or pass --wait SECONDS to wait longer.")
+    return (f"{who} is writing to the library at {folder}; wait for it to finish, or pass --wait SECONDS to wait "
+            "for it.")
+
+
+def _record_pid(path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(str(os.getpid()))
+    os.replace(temporary, path)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def writer_is_exiting(pid: int) -> bool:
+    """True when process ``pid`` is gone or on its way out: killed (SIGKILL pending), or a zombie whose other
+    threads are still being torn down. Such a writer can never write again, so it is safe to wait for its lock.
+
+    Known only where the system says (Linux's /proc; elsewhere: gone or not). On Windows a lock is freed as the
+    process ends, so there is nothing to wait for."""
+    if pid == os.getpid() or sys.platform == "win32":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process, alive
+        pass
+    return _proc_says_exiting(pid)
+
+
+_SIGKILL_BIT = 1 << 8  # signal 9, in /proc's pending-signal masks
+
+
+def _proc_says_exiting(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields.get("State", "").strip()[:1] in ("Z", "X"):
+        return True
+    pending = (fields.get(name, "0").strip() for name in ("SigPnd", "ShdPnd"))
+    return any(int(mask or "0", 16) & _SIGKILL_BIT for mask in pending)

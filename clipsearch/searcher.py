@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +12,9 @@ import numpy as np
 from clipsearch.errors import QueryError
 from clipsearch.library import Library
 from clipsearch.model import ModelSpec
+from clipsearch.photo import ImageRecord
 from clipsearch.query import Term, combine, parse_query
+from clipsearch.raw import is_raw_name
 from clipsearch.store import Filters
 
 if TYPE_CHECKING:
@@ -24,22 +26,18 @@ ImageInput = "str | os.PathLike[str] | bytes | Image.Image"
 MAX_K = 10_000
 
 
-@dataclass(frozen=True)
-class Result:
-    """One photo found by a query, with its exact cosine score and stored metadata."""
+@dataclass(frozen=True, kw_only=True)
+class Result(ImageRecord):
+    """One photo found by a query, with its exact cosine score and stored metadata (`ImageRecord`'s fields).
+
+    A RAW file and the JPEG (or HEIC ...) the camera wrote beside it, with the same name in the same folder, are
+    one shot and come back as one result: ``path`` is the file a viewer shows (the JPEG), ``other_paths`` the
+    shot's other files. ``separate_raw=True`` on a search keeps them apart.
+    """
 
     id: int
-    path: str
     score: float
-    width: int | None = None
-    height: int | None = None
-    format: str | None = None
-    size: int | None = None
-    taken_at: str | None = None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
+    other_paths: tuple[str, ...] = ()
 
     @property
     def folder(self) -> str:
@@ -96,13 +94,16 @@ class Searcher:
         before: str | None = None,
         camera: str | None = None,
         formats: tuple[str, ...] | list[str] = (),
+        separate_raw: bool = False,
     ) -> list[Result]:
         """The ``k`` best photos for a text and/or image query (``image``: a path, bytes, a PIL image, or a
-        list of them), best first, after ``offset`` results, meeting every filter given."""
+        list of them), best first, after ``offset`` results, meeting every filter given. A RAW file and its
+        JPEG are one result unless ``separate_raw``."""
         _check_k(k, offset)
         vector, kind = self.query_vector(text, image, image_weight=image_weight)
         filters = _make_filters(folder, after, before, camera, formats)
-        return self.search_vector(vector, k, kind=kind, offset=offset, min_score=min_score, filters=filters)
+        return self.search_vector(vector, k, kind=kind, offset=offset, min_score=min_score, filters=filters,
+                                  separate_raw=separate_raw)
 
     def similar(self, image_id: int, k: int = 10, **filters: Any) -> list[Result]:
         """"More like this": photos nearest to an indexed photo, from its stored vector (nothing re-encoded)."""
@@ -110,9 +111,9 @@ class Searcher:
         vector = self.library.vectors().get(np.asarray([image_id]))[0]
         offset = filters.pop("offset", 0)
         min_score = filters.pop("min_score", None)
-        return self.search_vector(
-            vector, k, kind="image", offset=offset, min_score=min_score, filters=_make_filters(**filters)
-        )
+        separate_raw = filters.pop("separate_raw", False)
+        return self.search_vector(vector, k, kind="image", offset=offset, min_score=min_score,
+                                  filters=_make_filters(**filters), separate_raw=separate_raw)
 
     def query_vector(self, text: str | None = None, image: Any = None, *, image_weight: float = 1.0) -> tuple[
         np.ndarray, str
@@ -136,25 +137,29 @@ class Searcher:
         offset: int = 0,
         min_score: float | None = None,
         filters: Filters | None = None,
+        separate_raw: bool = False,
     ) -> list[Result]:
-        """Nearest photos to a unit vector in the library's embedding space."""
+        """Nearest photos to a unit vector in the library's embedding space (a RAW and its JPEG as one result
+        unless ``separate_raw``)."""
         allowed = None if filters is None or filters.is_empty() else self.library.store.filter_ids(filters)
         if allowed is not None and len(allowed) == 0:
             return []
         index = self.index()
         if index is None:
             return []
-        queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        scores, ids = index.search(queries, k + offset, self.library.vectors(), kind=kind, allowed_ids=allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        if min_score is not None:
-            found = [(i, s) for i, s in found if s >= min_score]
-        return self._results(found[offset:])
+        wanted, fetch = k + offset, k + offset
+        while True:  # shots merge results, so fetch more until there are enough or no more
+            found, exhausted = self._nearest(index, vector, fetch, kind, allowed, min_score)
+            results = self._results(found)
+            results = results if separate_raw else self._one_per_shot(results, filtered=allowed is not None)
+            if len(results) >= wanted or exhausted or fetch >= MAX_K * 2:
+                return results[offset:wanted]
+            fetch *= 2
 
     def get(self, image_id: int) -> Result | None:
-        """The stored record of one indexed photo (score 1.0), or None."""
+        """The stored record of one indexed photo (score 1.0), with its shot's other files, or None."""
         row = self.library.store.images_by_ids([image_id]).get(image_id)
-        return _result_from_row(row, 1.0) if row else None
+        return self._one_per_shot([_result_from_row(row, 1.0)], filtered=True)[0] if row else None
 
     def facets(self) -> dict[str, Any]:
         """What the filters can choose from: indexed roots, formats, cameras and the date-taken range."""
@@ -237,6 +242,45 @@ class Searcher:
         # An id can be missing when a file was deleted after the index was loaded: skip it.
         return [_result_from_row(rows[i], s) for i, s in found if i in rows]
 
+    def _nearest(self, index: VectorIndex, vector: np.ndarray, n: int, kind: str, allowed: np.ndarray | None,
+                 min_score: float | None) -> tuple[list[tuple[int, float]], bool]:
+        """(id, score) of the ``n`` nearest, best first, and whether there are no more to find."""
+        queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        scores, ids = index.search(queries, n, self.library.vectors(), kind=kind, allowed_ids=allowed)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        exhausted = len(found) < n
+        if min_score is not None:
+            exhausted = exhausted or (bool(found) and found[-1][1] < min_score)
+            found = [(i, s) for i, s in found if s >= min_score]
+        return found, exhausted
+
+    def _one_per_shot(self, results: list[Result], filtered: bool) -> list[Result]:
+        """One result per shot: a RAW file and the files beside it with the same name are shown once, at the
+        rank and score of the best of them, as the file a viewer shows (the JPEG; with filters in force, the
+        best file that meets them), with the others in ``other_paths``."""
+        hits: dict[str, list[Result]] = {}
+        for result in results:
+            hits.setdefault(_shot_key(result.path), []).append(result)
+        merged = []
+        shots = self.library.store.shot_paths(list(hits))
+        for key, members in hits.items():
+            siblings = shots[key]
+            if len(siblings) < 2 or not any(is_raw_name(path) for path in siblings):
+                merged += members
+                continue
+            shown = self._shown_member(members, [] if filtered else siblings)
+            others = tuple(path for path in siblings if path != shown.path)
+            merged.append(replace(shown, score=max(m.score for m in members), other_paths=others))
+        return sorted(merged, key=lambda result: -result.score)
+
+    def _shown_member(self, hits: list[Result], siblings: list[str]) -> Result:
+        viewable = next((m for m in hits if not is_raw_name(m.path)), None)
+        if viewable is not None:
+            return viewable
+        path = next((p for p in siblings if not is_raw_name(p)), None)
+        row = self.library.store.image_by_path(path) if path is not None else None
+        return _result_from_row(row, hits[0].score) if row is not None else hits[0]
+
 
 class _Encoders:
     def __init__(self, searcher: Searcher) -> None:
@@ -258,8 +302,14 @@ class _Encoders:
 
 
 def _result_from_row(row: dict[str, Any], score: float) -> Result:
-    fields: dict[str, Any] = {name: row.get(name) for name in Result.__dataclass_fields__ if name != "score"}
+    fields: dict[str, Any] = {name: row.get(name) for name in Result.__dataclass_fields__
+                              if name not in ("score", "other_paths")}
     return Result(score=score, **fields)
+
+
+def _shot_key(path: str) -> str:
+    """Files of one shot share their folder and name: "/photos/IMG_0001" for IMG_0001.CR2 and IMG_0001.JPG."""
+    return os.path.splitext(path)[0]
 
 
 def _as_list(image: Any) -> list[Any]:

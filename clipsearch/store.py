@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +20,24 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from clipsearch.photo import field_columns
+
 metadata = sa.MetaData()
+
+_SQL_TYPES: dict[type, Any] = {str: sa.Text, int: sa.Integer, float: sa.Float}
+
+
+def _record_columns() -> list[sa.Column[Any]]:
+    """A column per stored field, as `clipsearch.photo.ImageRecord` declares them."""
+    return [sa.Column(name, _SQL_TYPES[kind], **options) for name, kind, options in field_columns()]
+
 
 images = sa.Table(
     "images",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("path", sa.Text, nullable=False, unique=True),
     sa.Column("folder", sa.Text, nullable=False, index=True),
-    sa.Column("size", sa.Integer, nullable=False),
-    sa.Column("mtime_ns", sa.Integer, nullable=False),
-    sa.Column("content_hash", sa.Text, nullable=False, index=True),
-    sa.Column("width", sa.Integer),
-    sa.Column("height", sa.Integer),
-    sa.Column("format", sa.Text, index=True),
-    sa.Column("taken_at", sa.Text, index=True),
-    sa.Column("camera_make", sa.Text),
-    sa.Column("camera_model", sa.Text),
-    sa.Column("gps_lat", sa.Float),
-    sa.Column("gps_lon", sa.Float),
+    *_record_columns(),
     sa.Column("indexed_at", sa.Float, nullable=False),
 )
 
@@ -81,9 +80,20 @@ def _initial_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _add_missing_image_columns(conn: Connection) -> None:
+    """Columns declared since the library was made (each nullable: older rows simply do not know the value).
+    A library created by this version already has them all from the initial schema, so nothing is added."""
+    present = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
+    for column in images.columns:
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE images ADD COLUMN "{column.name}" {kind}')
+
+
 # Named, ordered migrations; PRAGMA user_version records how many have run.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("initial schema: images, errors, roots, settings, id counter", _initial_schema),
+    ("photo metadata: date-taken offset and source, lens", _add_missing_image_columns),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -134,12 +144,16 @@ class Store:
             return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
 
     def migrate(self) -> None:
-        """Run the migrations this database has not seen yet, each in its own transaction."""
-        current = self.schema_version()
-        for number, (_name, step) in enumerate(MIGRATIONS[current:], start=current + 1):
-            with self.transaction() as conn:
+        """Run the migrations this database has not seen yet, all in one transaction: a reader sees the schema
+        as it was or as it is now, never half-way (it would try to finish the migration itself, and wait for the
+        writer's lock). An explicit BEGIN, since Python's sqlite3 opens none before DDL by itself."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            current = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+            for number, (_name, step) in enumerate(MIGRATIONS[current:], start=current + 1):
                 step(conn)
                 conn.exec_driver_sql(f"PRAGMA user_version = {number}")
+            conn.commit()
 
     # --- settings -----------------------------------------------------------------------------------------
 
@@ -268,6 +282,18 @@ class Store:
             row = conn.execute(sa.select(images).where(images.c.path == path)).mappings().first()
         return dict(row) if row else None
 
+    def shot_paths(self, stem_paths: Sequence[str]) -> dict[str, list[str]]:
+        """For each ``stem_path``, the indexed files named it plus one extension ("/p/IMG_1" -> IMG_1.CR2,
+        IMG_1.JPG), sorted; ranges over the unique path index, so each costs a lookup, not a scan."""
+        found: dict[str, list[str]] = {}
+        with self.engine.connect() as conn:
+            for stem_path in stem_paths:
+                prefix = stem_path + "."  # "." + 1 is "/": the range holds exactly the paths starting with prefix
+                query = sa.select(images.c.path).where(images.c.path >= prefix, images.c.path < stem_path + "/")
+                paths = conn.execute(query.order_by(images.c.path)).scalars().all()
+                found[stem_path] = [str(p) for p in paths if not set(p[len(prefix):]) & {".", "/"}]
+        return found
+
     def filter_ids(self, filters: Filters) -> np.ndarray:
         """Sorted ids of the images that meet every condition in ``filters``."""
         query = sa.select(images.c.id).where(*_filter_conditions(filters)).order_by(images.c.id)
@@ -337,15 +363,27 @@ def _filter_conditions(filters: Filters) -> list[Any]:
         prefix = filters.folder.rstrip("/") + "/"
         conditions += [images.c.path >= prefix, images.c.path < prefix[:-1] + "0"]
     if filters.after:
-        conditions.append(images.c.taken_at >= _iso_lower(filters.after))
+        conditions.append(_taken_at_for(filters.after) >= _iso_lower(filters.after))
     if filters.before:
-        conditions.append(images.c.taken_at < _iso_upper(filters.before))
+        conditions.append(_taken_at_for(filters.before) < _iso_upper(filters.before))
     if filters.camera:
         camera = sa.func.coalesce(images.c.camera_make, "") + " " + sa.func.coalesce(images.c.camera_model, "")
         conditions.append(sa.func.lower(camera).contains(filters.camera.lower(), autoescape=True))
     if filters.formats:
         conditions.append(images.c.format.in_([f.upper() for f in filters.formats]))
     return conditions
+
+
+def _taken_at_for(bound: str) -> Any:
+    """What a date bound is compared with. A plain date or time is the photographer's local clock, which is what
+    `taken_at` stores (and its index serves). A bound with a UTC offset is an instant: it is compared with each
+    photo's instant, in UTC, where the photo records its offset, and with its local time where it does not."""
+    when = parse_when(bound)
+    if not isinstance(when, datetime) or when.tzinfo is None:
+        return images.c.taken_at
+    has_time = sa.func.length(images.c.taken_at) > 10
+    offset = sa.case((has_time, sa.func.coalesce(images.c.taken_at_offset, "")), else_="")
+    return sa.func.strftime("%Y-%m-%dT%H:%M:%S", images.c.taken_at + offset)
 
 
 def parse_when(value: str) -> date | datetime:
@@ -356,14 +394,21 @@ def parse_when(value: str) -> date | datetime:
 
 
 def _iso_lower(value: str) -> str:
-    return parse_when(value).isoformat()
+    return _as_stored(parse_when(value))
 
 
 def _iso_upper(value: str) -> str:
     when = parse_when(value)
     if isinstance(when, datetime):
-        return when.isoformat()
+        return _as_stored(when)
     return (when + timedelta(days=1)).isoformat()
+
+
+def _as_stored(when: date | datetime) -> str:
+    """A bound as `taken_at` is written; an instant (with an offset) in UTC, as `_taken_at_for` compares it."""
+    if isinstance(when, datetime) and when.tzinfo is not None:
+        return when.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+    return when.isoformat()
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -5,17 +5,16 @@ mtime, so an edited or replaced photo gets a fresh thumbnail on its next view an
 decoded twice. Files are written to a temporary name and renamed into place, so two page views making the same
 thumbnail at once, or a kill mid-write, never leave a half-written JPEG behind.
 
-JPEGs are decoded at reduced scale (``Image.draft``: libjpeg's DCT scaling by 1/2, 1/4 or 1/8), so a 20 MP
-original costs about as much as a 0.3 MP one.
+Pixels come from the decoder the model uses (`decode.upright_image`), so a thumbnail shows exactly what was
+indexed: upright, with the same colour and 16-bit conversion, from a RAW file's preview. JPEGs are decoded at
+reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8), so a 20 MP original costs about as much as a 0.3 MP one.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +26,6 @@ if TYPE_CHECKING:
 
 DEFAULT_SIZE = 256
 JPEG_QUALITY = 85
-# Only the formats the indexer reads: Image.open would otherwise also try e.g. EPS, which runs Ghostscript.
-_SAFE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
-# Anything that can go wrong reading a file that was fine when it was indexed: it vanished, lost its
-# permissions, was truncated or replaced by something that is not an image, or is now a decompression bomb.
-_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
 
 def thumbnail_path(library: Library, row: Mapping[str, Any], size: int = DEFAULT_SIZE) -> Path | None:
@@ -63,53 +57,15 @@ def _version_key(original: Path, stat: os.stat_result) -> str:
 
 
 def _load_thumbnail(original: Path, size: int) -> Image.Image | None:
-    from PIL import Image
+    """The same upright RGB pixels the model sees (`decode.upright_image`: orientation, colour, 16-bit tone
+    mapping, RAW previews), at least ``size`` on the short side, then shrunk to fit ``size``."""
+    from clipsearch.decode import DecodeFailure, upright_image
 
-    try:
-        with warnings.catch_warnings():
-            # The indexer accepts anything below Pillow's hard limit (DecompressionBombError), so we do too.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(original, formats=_open_formats()) as image:
-                return _shrink_upright(image, size)
-    except (*_UNREADABLE, Image.DecompressionBombError):
+    image = upright_image(str(original), min_side=size)
+    if isinstance(image, DecodeFailure):
         return None
-
-
-def _shrink_upright(image: Image.Image, size: int) -> Image.Image:
-    from PIL import ImageOps
-
-    if image.format == "JPEG":
-        # Draft keeps both sides >= the requested box, so orientation (applied below) cannot cost sharpness.
-        image.draft("RGB", (size, size))
-    upright = ImageOps.exif_transpose(image)
-    rgb = _flatten_to_rgb(upright)
-    rgb.thumbnail((size, size))
-    return rgb
-
-
-def _flatten_to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for JPEG; transparent areas become white rather than the black Pillow's convert() gives."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
-        return _high_bit_depth_to_rgb(image)
-    return image.convert("RGB")
-
-
-def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
-    # Pillow's convert() clips 16-bit values instead of scaling them, which turns most photos white.
-    import numpy as np
-    from PIL import Image
-
-    values = np.asarray(image, dtype=np.float32)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    image.thumbnail((size, size))
+    return image
 
 
 def _write_atomically(image: Image.Image, target: Path) -> None:
@@ -129,17 +85,3 @@ def _remove_older_versions(current: Path, image_id: int, size: int) -> None:
     for stale in current.parent.glob(f"{image_id}-{size}-*.jpg"):
         if stale != current:
             stale.unlink(missing_ok=True)
-
-
-@functools.cache
-def _open_formats() -> tuple[str, ...]:
-    from PIL import Image
-
-    try:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-    except ImportError:  # the optional `heif` extra: without it HEIC photos were never indexed either
-        pass
-    Image.init()  # register every plugin now, so the list below is complete
-    return tuple(name for name in _SAFE_FORMATS if name in Image.OPEN)

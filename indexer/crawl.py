@@ -22,34 +22,18 @@ from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from clipsearch.decode import heif_available
+from clipsearch.decode import heif_available  # noqa: F401  (re-exported: what decodes HEIF)
+from clipsearch.raw import RAW_EXTENSIONS
 
 BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".avif"})
+# .hif: what Canon and Sony cameras call their HEIF files.
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avif"})
+# Every kind the decoder knows, whatever is installed: a HEIC file on a machine without pillow-heif (or a RAW
+# without rawpy) is recorded with the reason and what to install, never skipped in silence.
+IMAGE_EXTENSIONS: frozenset[str] = BASE_EXTENSIONS | HEIF_EXTENSIONS | RAW_EXTENSIONS
 
 NON_UTF8_FILE = "the name is not valid UTF-8; rename it to index it"
 NON_UTF8_FOLDER = "the folder name is not valid UTF-8; rename it to index the images inside"
-
-
-def _native_avif_available() -> bool:
-    # Pillow >= 11.2 can read AVIF by itself when it was built with libavif.
-    from PIL import features
-
-    try:
-        return bool(features.check_module("avif"))
-    except ValueError:  # an older Pillow that does not know the module name
-        return False
-
-
-def _image_extensions() -> frozenset[str]:
-    if heif_available():
-        return BASE_EXTENSIONS | HEIF_EXTENSIONS
-    if _native_avif_available():
-        return BASE_EXTENSIONS | {".avif"}
-    return BASE_EXTENSIONS
-
-
-IMAGE_EXTENSIONS: frozenset[str] = _image_extensions()
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,11 @@ from clipsearch.indexer.crawl import FoundFile
 
 from clipsearch.decode import DecodeFailure, decode_file
 from clipsearch.inference.geometry import PixelTransform
+from clipsearch.photo import record_fields
 
 PoolKind = Literal["threads", "processes"]
 CRASHED = "decoding crashed the decoder"
-RECORD_FIELDS = (
-    "path", "size", "mtime_ns", "content_hash", "width", "height", "format",
-    "taken_at", "camera_make", "camera_model", "gps_lat", "gps_lon",
-)  # fmt: skip
+RECORD_FIELDS = record_fields()  # what the library stores per image, as clipsearch.photo declares it
 
 
 @dataclass

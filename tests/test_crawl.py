@@ -13,7 +13,6 @@ from clipsearch.indexer.crawl import (
     CrawlProblem,
     FoundFile,
     crawl,
-    heif_available,
 )
 from hostile import (
     OK,
@@ -54,10 +53,10 @@ def touch_all(root: Path, names: Iterable[str]) -> None:
 
 def test_finds_images_recursively_with_any_case_of_extension(tmp_path: Path) -> None:
     touch_all(tmp_path, ["a.jpg", "b.JPEG", "c.Png", "sub/d.webp", "sub/deeper/e.TIFF", "f.jpe", "g.gif"])
-    touch_all(tmp_path, ["notes.txt", "movie.mp4", "sub/raw.cr2", "no_extension"])
+    touch_all(tmp_path, ["notes.txt", "movie.mp4", "sub/raw.cr2", "h.HIF", "no_extension"])
     results = list(crawl([tmp_path]))
     assert sorted(found(results, tmp_path)) == sorted(
-        ["a.jpg", "b.JPEG", "c.Png", "f.jpe", "g.gif", "sub/d.webp", "sub/deeper/e.TIFF"]
+        ["a.jpg", "b.JPEG", "c.Png", "f.jpe", "g.gif", "h.HIF", "sub/d.webp", "sub/deeper/e.TIFF", "sub/raw.cr2"]
     )
     assert problems(results, tmp_path) == {}
 
@@ -70,10 +69,11 @@ def test_found_file_has_absolute_path_size_and_mtime(tmp_path: Path) -> None:
     assert os.path.isabs(item.path)
 
 
-def test_extension_set_follows_pillow_heif() -> None:
+def test_heif_and_raw_files_are_always_crawled() -> None:
+    # Whatever is installed: a file the decoder cannot read is recorded with the reason, never skipped silently.
     assert BASE_EXTENSIONS <= IMAGE_EXTENSIONS
     assert all(extension == extension.lower() and extension.startswith(".") for extension in IMAGE_EXTENSIONS)
-    assert ({".heic", ".heif"} <= IMAGE_EXTENSIONS) == heif_available()
+    assert {".heic", ".heif", ".hif", ".avif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf"} <= IMAGE_EXTENSIONS
 
 
 def test_custom_extensions_are_case_insensitive_too(tmp_path: Path) -> None:

@@ -116,3 +116,51 @@ def test_second_writer_is_told_clearly(tmp_path):
 def _row(image_id: int, path: str, fmt: str = "JPEG", **extra: object) -> dict[str, object]:
     return {"id": image_id, "path": path, "size": 1, "mtime_ns": 1, "content_hash": str(image_id),
             "format": fmt, **extra}
+
+
+# The images table as the first schema made it: a library written before photo metadata gained offsets.
+SCHEMA_1_IMAGES = """CREATE TABLE images (id INTEGER NOT NULL, path TEXT NOT NULL, folder TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, content_hash TEXT NOT NULL, width INTEGER, height INTEGER,
+    format TEXT, taken_at TEXT, camera_make TEXT, camera_model TEXT, gps_lat FLOAT, gps_lon FLOAT,
+    indexed_at FLOAT NOT NULL, PRIMARY KEY (id), UNIQUE (path))"""
+
+
+def test_a_library_from_the_first_schema_gains_the_new_photo_columns(tmp_path):
+    import sqlite3
+
+    from clipsearch.store import images
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    with sqlite3.connect(folder / "library.db") as db:
+        db.execute(SCHEMA_1_IMAGES)
+        for table in ("errors (path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, "
+                      "recorded_at FLOAT NOT NULL)", "roots (path TEXT PRIMARY KEY, added_at FLOAT NOT NULL)",
+                      "settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                      "id_counter (name TEXT PRIMARY KEY, last_id INTEGER NOT NULL)"):
+            db.execute(f"CREATE TABLE {table}")
+        db.execute("INSERT INTO images VALUES (1, '/p/a.jpg', '/p', 1, 1, 'h', 4, 3, 'JPEG', '2019-07-14T18:03:22', "
+                   "'Canon', 'EOS', NULL, NULL, 0)")
+        db.execute("PRAGMA user_version = 1")
+    store = Library.open(folder).store
+    assert store.schema_version() == SCHEMA_VERSION
+    row = store.image_by_path("/p/a.jpg")
+    assert set(row) == {column.name for column in images.columns}
+    assert (row["taken_at"], row["taken_at_offset"], row["lens"]) == ("2019-07-14T18:03:22", None, None)
+
+
+def test_date_bounds_are_local_days_unless_they_carry_an_offset(tmp_path):
+    library = Library.create(tmp_path / "lib")
+    store = library.store
+    rows = [_row(1, "/p/tokyo.jpg", taken_at="2019-07-14T08:00:00", taken_at_offset="+09:00"),  # 23:00 UTC, 13th
+            _row(2, "/p/paris.jpg", taken_at="2019-07-14T23:30:00", taken_at_offset="+02:00"),  # 21:30 UTC, 14th
+            _row(3, "/p/unknown.jpg", taken_at="2019-07-14T12:00:00"),  # no offset: its local time is all we know
+            _row(4, "/p/day.jpg", taken_at="2019-07-14")]  # a date alone
+    with store.transaction() as conn:
+        store.insert_images(rows, conn)
+    # Plain dates mean the photographer's own day, wherever that was.
+    assert store.filter_ids(Filters(after="2019-07-14", before="2019-07-14")).tolist() == [1, 2, 3, 4]
+    # An instant compares with each photo's instant where the photo records its offset.
+    utc_day = Filters(after="2019-07-14T00:00:00+00:00", before="2019-07-15T00:00:00+00:00")
+    assert store.filter_ids(utc_day).tolist() == [2, 3, 4]
+    assert store.filter_ids(Filters(before="2019-07-14T00:00:00Z")).tolist() == [1]

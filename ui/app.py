@@ -93,7 +93,7 @@ def max_upload_mb() -> int:
 def upload_types() -> list[str]:
     types = ["jpg", "jpeg", "png", "webp"]
     if importlib.util.find_spec("pillow_heif") is not None:  # the optional `heif` extra decodes iPhone photos
-        types += ["heic", "heif"]
+        types += ["heic", "heif", "hif", "avif"]
     return types
 
 
@@ -325,11 +325,16 @@ def show_card(searcher: Searcher, result: Result, thumb: Path | None) -> None:
 
 
 def card_caption(result: Result) -> str:
-    return f"**{result.name}** · {result.score:.3f}  \n{taken_text(result.taken_at)}  \n{result.folder}"
+    kinds = ", ".join(Path(other).suffix.lstrip(".").upper() for other in result.other_paths)
+    also = f" + {kinds}" if kinds else ""  # the same shot's RAW (or JPEG) file
+    return f"**{result.name}**{also} · {result.score:.3f}  \n{taken_text(result.taken_at)}  \n{result.folder}"
 
 
-def taken_text(taken_at: str | None) -> str:
-    return taken_at[:16].replace("T", " ") if taken_at else "date unknown"
+def taken_text(taken_at: str | None, offset: str | None = None) -> str:
+    """The photographer's local time, with its UTC offset when the file records one."""
+    if not taken_at:
+        return "date unknown"
+    return taken_at[:16].replace("T", " ") + (f" (UTC{offset})" if offset and len(taken_at) > 10 else "")
 
 
 # --- details of one photo ------------------------------------------------------------------------------------
@@ -347,6 +352,8 @@ def show_details(searcher: Searcher, image_id: int, score: float) -> None:
     else:
         st.image(str(preview), width="stretch")
     st.markdown(f"`{result.path}`")
+    for other in result.other_paths:  # the same shot's other files: a RAW beside its JPEG
+        st.markdown(f"also `{other}`")
     st.markdown(details_text(result, score))
     if st.button("More like this", key=f"dialog-similar-{image_id}"):
         start_similar(image_id)
@@ -354,13 +361,17 @@ def show_details(searcher: Searcher, image_id: int, score: float) -> None:
 
 
 def details_text(result: Result, score: float) -> str:
-    lines = [f"**Score** {score:.3f}", f"**Date taken** {taken_text(result.taken_at)}"]
+    taken = taken_text(result.taken_at, result.taken_at_offset)
+    source = f", from {result.taken_at_source}" if result.taken_at_source else ""
+    lines = [f"**Score** {score:.3f}", f"**Date taken** {taken}{source}"]
     if result.width and result.height:
         lines.append(f"**Size** {result.width} × {result.height} px, {result.format or 'unknown format'}"
                      + (f", {result.size / 1e6:.1f} MB" if result.size else ""))
     camera = " ".join(part for part in (result.camera_make, result.camera_model) if part)
     if camera:
         lines.append(f"**Camera** {camera}")
+    if result.lens:
+        lines.append(f"**Lens** {result.lens}")
     if result.gps_lat is not None and result.gps_lon is not None:
         lines.append(f"**Location** {result.gps_lat:.5f}, {result.gps_lon:.5f}")
     return "  \n".join(lines)
