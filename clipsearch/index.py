@@ -145,7 +145,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch import ondisk
+from clipsearch import durable, ondisk
 from clipsearch.errors import IndexFileError
 from clipsearch.memory import format_size, resolve_memory_budget
 from clipsearch.vectors import VectorStore
@@ -1123,8 +1123,8 @@ class VectorIndex:
                          ivfdata_file=self._disk.ivfdata.name if self._disk is not None else "",
                          ivfdata_bytes=self.ivfdata_bytes())
         try:
-            _write_atomically(folder / name, data, folder / "index.faiss.tmp")
-            _write_atomically(folder / PARAMS_FILE, params.to_json().encode(), folder / f"{PARAMS_FILE}.tmp")
+            durable.write_atomically(folder / name, data, folder / "index.faiss.tmp")
+            durable.write_atomically(folder / PARAMS_FILE, params.to_json().encode(), folder / f"{PARAMS_FILE}.tmp")
         except BaseException:
             (folder / name).unlink(missing_ok=True)  # the old JSON still names the old files, which stay
             raise
@@ -1386,30 +1386,6 @@ def _train_on_gpu(index: Any, sample: np.ndarray) -> None:
         index.train(sample)
     finally:
         ivf.clustering_index = None
-
-
-def _write_atomically(path: Path, data: bytes, temp: Path) -> None:
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.is_file():
-            temp.unlink()
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_other_index_files(folder: Path, keep: set[str]) -> None:

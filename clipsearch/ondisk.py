@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clipsearch import durable
 from clipsearch.vectors import VectorStore
 
 Progress = Callable[[str], None]
@@ -117,7 +118,7 @@ def merge_into_file(index: Any, sources: list[Any], ivfdata: Path) -> None:
     with quiet_c_stdout():
         total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
     _replace_lists(index, lists, total)
-    fsync_file(ivfdata)
+    durable.fsync_path(ivfdata)
 
 
 def remove_ids(index: Any, ids: np.ndarray) -> None:
@@ -201,12 +202,3 @@ def _replace_lists(index: Any, lists: Any, total: int) -> None:
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns (and frees) them now
     index.ntotal = ivf.ntotal = total
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk, including pages written through a memory map."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

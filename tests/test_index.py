@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import clipsearch.index as index_module
+from clipsearch import durable
 from clipsearch.errors import IndexFileError, ModelError
 from clipsearch.index import (
     FLAT_MAX_BYTES,
@@ -297,14 +298,14 @@ def test_a_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     index = VectorIndex.build(store, ids)
     index.save(tmp_path / "index")
     index.remove(ids[:100])
-    real_write = index_module._write_atomically
+    real_write = durable.write_atomically
 
-    def disk_full_at_the_params(path: Path, data: bytes, temp: Path) -> None:
+    def disk_full_at_the_params(path: Path, data: bytes, temp: Path | None = None) -> None:
         if path.name == PARAMS_FILE:
             raise OSError(28, "No space left on device")
         real_write(path, data, temp)
 
-    monkeypatch.setattr(index_module, "_write_atomically", disk_full_at_the_params)
+    monkeypatch.setattr(durable, "write_atomically", disk_full_at_the_params)
     with pytest.raises(OSError):
         index.save(tmp_path / "index")
     monkeypatch.undo()
@@ -318,10 +319,10 @@ def test_save_failure_through_sync_says_what_to_do(tmp_path, monkeypatch):
     index = refresh_index(library)
     assert index is not None
 
-    def no_space(path: Path, data: bytes, temp: Path) -> None:
+    def no_space(path: Path, data: bytes, temp: Path | None = None) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_module, "_write_atomically", no_space)
+    monkeypatch.setattr(durable, "write_atomically", no_space)
     with pytest.raises(IndexFileError, match="previous index is still in place"):
         save_index(library, index)
 
