@@ -82,11 +82,10 @@ def repair(library: Library, text_encoder: Callable[[list[str]], np.ndarray] | N
 
 
 def _check_sqlite(library: Library) -> list[Problem]:
-    with library.store.engine.connect() as conn:
-        verdict = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
-    if verdict == "ok":
+    damage = library.store.integrity_problem()
+    if damage is None:
         return []
-    return [Problem("sqlite", f"SQLite reports damage in library.db: {verdict}.")]
+    return [Problem("sqlite", f"SQLite reports damage in library.db: {damage}.")]
 
 
 def _check_model(library: Library) -> list[Problem]:
