@@ -292,7 +292,25 @@ def pq_subquantizers(dim: int, sub_dim: int = 8) -> int:
     return 1
 
 
-def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None) -> IndexPlan:
+@dataclass(frozen=True)
+class IndexPolicy:
+    """The thresholds the choice of index, its tuning and its upkeep follow (reasons in the module docstring).
+
+    The defaults are the measured ones; a caller with other needs (a test that wants IVF-PQ on a small library)
+    passes its own policy rather than changing module constants.
+    """
+
+    flat_max_bytes: int = FLAT_MAX_BYTES  # flat while the vectors take at most this many bytes
+    rebuild_growth: float = REBUILD_GROWTH  # retrain IVF-PQ once the library is this many times its training size
+    target_recall: dict[str, float] = field(default_factory=lambda: dict(TARGET_RECALL))  # per query kind
+    exact_subset_max: int = EXACT_SUBSET_MAX_ROWS  # filters keeping at most this many rows are scored exactly
+
+
+DEFAULT_POLICY = IndexPolicy()
+
+
+def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None,
+                 policy: IndexPolicy = DEFAULT_POLICY) -> IndexPlan:
     """The index to build for `n` vectors of dimension `dim` (rule and reasons in the module docstring).
 
     A `memory_budget_bytes` too small for building the flat index forces IVF-PQ. The budget never shrinks the PQ
@@ -300,7 +318,7 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None) -> In
     """
     trainable = n >= MIN_TRAIN_PER_LIST * 2
     flat_fits = memory_budget_bytes is None or plan_build_memory(flat_plan(), n, dim, memory_budget_bytes).fits
-    if not trainable or (n * dim * 4 <= FLAT_MAX_BYTES and flat_fits):
+    if not trainable or (n * dim * 4 <= policy.flat_max_bytes and flat_fits):
         return flat_plan()
     return ivfpq_plan(n, dim)
 
@@ -468,10 +486,11 @@ class IndexParams:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_plan(cls, plan: IndexPlan, dim: int, trained_on: int, planned_kind: str) -> IndexParams:
+    def from_plan(cls, plan: IndexPlan, dim: int, trained_on: int, planned_kind: str,
+                  policy: IndexPolicy = DEFAULT_POLICY) -> IndexParams:
         query = {kind: QueryParams(recall_at_10=1.0 if plan.kind == "flat" else None) for kind in QUERY_KINDS}
         return cls(plan.kind, plan.factory, dim, plan.nlist, plan.m, plan.nbits, plan.train_size,
-                   trained_on, planned_kind, query)
+                   trained_on, planned_kind, query, dict(policy.target_recall), policy.exact_subset_max)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -687,7 +706,7 @@ class VectorIndex:
     def build(cls, store: VectorStore, ids: np.ndarray, *, text_queries: np.ndarray | None = None,
               plan: IndexPlan | None = None, use_gpu: bool | None = None, seed: int = 0,
               progress: Progress | None = None, memory_budget_bytes: int | None = None,
-              folder: Path | None = None) -> VectorIndex:
+              folder: Path | None = None, policy: IndexPolicy = DEFAULT_POLICY) -> VectorIndex:
         """Choose (or use `plan`), train on a sample of the store, add every id, then tune per query kind.
 
         `memory_budget_bytes` (default: `resolve_memory_budget`) bounds what the build holds in memory; an index
@@ -697,7 +716,7 @@ class VectorIndex:
         report = progress or (lambda message: None)
         ids = _sorted_unique(ids)
         budget = resolve_memory_budget(memory_budget_bytes)
-        planned = plan or choose_index(len(ids), store.dim, budget)
+        planned = plan or choose_index(len(ids), store.dim, budget, policy)
         current = planned
         while True:
             memory = plan_build_memory(current, len(ids), store.dim, budget)
@@ -705,7 +724,7 @@ class VectorIndex:
                 report(f"the memory budget ({format_size(budget)}) is below the least this build needs "
                        f"({format_size(memory.peak_estimate(current, len(ids), store.dim))}); building with the "
                        "smallest buffers and shards")
-            index = cls._fill(store, ids, current, planned.kind, memory, folder, use_gpu, seed, report)
+            index = cls._fill(store, ids, current, planned.kind, memory, folder, use_gpu, seed, report, policy)
             if index._tuned(store, text_queries, seed, report):
                 return index
             following = escalate(current, len(ids), store.dim, budget)
@@ -726,8 +745,9 @@ class VectorIndex:
 
     @classmethod
     def _fill(cls, store: VectorStore, ids: np.ndarray, plan: IndexPlan, planned_kind: str, memory: BuildMemory,
-              folder: Path | None, use_gpu: bool | None, seed: int, report: Progress) -> VectorIndex:
-        params = IndexParams.from_plan(plan, store.dim, len(ids), planned_kind)
+              folder: Path | None, use_gpu: bool | None, seed: int, report: Progress,
+              policy: IndexPolicy) -> VectorIndex:
+        params = IndexParams.from_plan(plan, store.dim, len(ids), planned_kind, policy)
         if memory.on_disk:
             return cls._fill_on_disk(store, ids, plan, params, memory, folder, use_gpu, seed, report)
         index = _new_faiss_index(plan, store.dim)
@@ -1053,16 +1073,17 @@ class VectorIndex:
 
     # ---- growth and reporting
 
-    def needs_rebuild(self, n: int, memory_budget_bytes: int | None = None) -> bool:
+    def needs_rebuild(self, n: int, memory_budget_bytes: int | None = None,
+                      policy: IndexPolicy = DEFAULT_POLICY) -> bool:
         """True when `n` vectors call for another kind of index, or n outgrew the training set several-fold, or
         (given a budget) what the index would hold in RAM at n vectors no longer fits `memory_budget_bytes`.
 
         An IVF-PQ plan that escalated to flat is retried after the same growth (the data may allow it then).
         """
-        planned = choose_index(n, self.params.dim, memory_budget_bytes)
+        planned = choose_index(n, self.params.dim, memory_budget_bytes, policy)
         if planned.kind != (self.params.planned_kind or self.params.kind):
             return True
-        if planned.kind != "flat" and n >= REBUILD_GROWTH * max(self.params.trained_on, 1):
+        if planned.kind != "flat" and n >= policy.rebuild_growth * max(self.params.trained_on, 1):
             return True
         return memory_budget_bytes is not None and not self._fits(n, memory_budget_bytes)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from clipsearch.errors import IndexFileError, ModelError
-from clipsearch.index import VectorIndex, builtin_captions, choose_index, flat_plan
+from clipsearch.index import DEFAULT_POLICY, IndexPolicy, VectorIndex, builtin_captions, choose_index, flat_plan
 from clipsearch.library import Library
 from clipsearch.memory import resolve_memory_budget
 from clipsearch.vectors import VectorStore
@@ -72,6 +72,7 @@ def refresh_index(
     rebuild: bool = False,
     progress: Progress | None = None,
     memory_budget_bytes: int | None = None,
+    policy: IndexPolicy = DEFAULT_POLICY,
 ) -> VectorIndex | None:
     """Writer side: bring the saved index in step with SQLite, rebuilding it when the library outgrew it or
     it would no longer fit the memory budget (`memory_budget_bytes`, default as in `resolve_memory_budget`)."""
@@ -80,8 +81,8 @@ def refresh_index(
     index = None if rebuild else _load_or_none(library)
     if len(ids) == 0 and index is None:
         return None
-    if index is None or index.needs_rebuild(len(ids), budget):
-        index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget)
+    if index is None or index.needs_rebuild(len(ids), budget, policy):
+        index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget, policy=policy)
     else:
         index.limit_memory(budget)
         if not sync_index(index, library.vectors(), ids):
@@ -108,6 +109,7 @@ def build_index(
     progress: Progress | None = None,
     *,
     memory_budget_bytes: int | None = None,
+    policy: IndexPolicy = DEFAULT_POLICY,
 ) -> VectorIndex:
     """Build a fresh index from the stored vectors, with text-like tuning queries when the index is approximate.
 
@@ -116,12 +118,12 @@ def build_index(
     """
     vectors = library.vectors()
     budget = resolve_memory_budget(memory_budget_bytes)
-    plan = choose_index(len(ids), vectors.dim, budget)
+    plan = choose_index(len(ids), vectors.dim, budget, policy)
     text_queries = None
     if plan.kind != "flat" and text_encoder is not None:
         text_queries = _caption_embeddings(text_encoder, progress)
     return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
-                             memory_budget_bytes=budget, folder=library.index_dir)
+                             memory_budget_bytes=budget, folder=library.index_dir, policy=policy)
 
 
 def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],

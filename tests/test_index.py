@@ -24,8 +24,10 @@ from clipsearch.index import (
     TARGET_RECALL,
     FilterBand,
     IndexParams,
+    IndexPolicy,
     QueryParams,
     VectorIndex,
+    builtin_captions,
     choose_index,
     escalate,
     exact_search,
@@ -84,6 +86,9 @@ class Photos:
 
 
 PHOTOS = Photos()
+SMALL_FLAT = IndexPolicy(flat_max_bytes=1000 * DIM * 4)  # so that a few thousand photos call for IVF-PQ
+# A random gap direction is far from this data's gap, so synthetic text queries only get a modest target.
+MODEST_TEXT_TARGET = IndexPolicy(target_recall={**TARGET_RECALL, "text": 0.5})
 
 
 def make_store(folder: Path, vectors: np.ndarray, first_id: int = 1) -> tuple[VectorStore, np.ndarray]:
@@ -248,11 +253,9 @@ def test_text_tuning_uses_the_given_caption_embeddings(ivfpq):
     assert ivfpq.params.query["image"].source.startswith("held-out library vectors")
 
 
-def test_text_tuning_without_a_text_encoder_synthesises_text_like_queries(tmp_path, monkeypatch):
-    # A random gap direction is far from this data's gap, so only the mechanism is checked: a modest target.
-    monkeypatch.setitem(TARGET_RECALL, "text", 0.5)
+def test_text_tuning_without_a_text_encoder_synthesises_text_like_queries(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(5000, seed=5))
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64))
+    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), policy=MODEST_TEXT_TARGET)
     text = index.params.query["text"]
     assert index.params.kind == "ivfpq"
     assert (text.source, text.queries) == ("synthetic text-like queries", 400)
@@ -408,21 +411,19 @@ def test_a_flat_index_asks_for_ivfpq_once_the_collection_outgrows_it(tmp_path):
     assert index.needs_rebuild(flat_limit + 1)
 
 
-def test_an_ivfpq_index_asks_for_retraining_after_growing_several_fold(photos, ivfpq, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)  # so N photos call for IVF-PQ
+def test_an_ivfpq_index_asks_for_retraining_after_growing_several_fold(photos, ivfpq):
     assert ivfpq.params.trained_on == N
-    assert not ivfpq.needs_rebuild(N)
-    assert not ivfpq.needs_rebuild(REBUILD_GROWTH * N - 1)
-    assert ivfpq.needs_rebuild(REBUILD_GROWTH * N)
+    assert not ivfpq.needs_rebuild(N, policy=SMALL_FLAT)
+    assert not ivfpq.needs_rebuild(REBUILD_GROWTH * N - 1, policy=SMALL_FLAT)
+    assert ivfpq.needs_rebuild(REBUILD_GROWTH * N, policy=SMALL_FLAT)
 
 
-def test_an_index_that_escalated_to_flat_is_retried_after_growing_several_fold(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
+def test_an_index_that_escalated_to_flat_is_retried_after_growing_several_fold(tmp_path):
     store, ids = make_store(tmp_path, unit_rows(np.random.default_rng(6).standard_normal((4000, DIM))))
     index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64))
     assert (index.params.kind, index.params.planned_kind) == ("flat", "ivfpq")
-    assert not index.needs_rebuild(REBUILD_GROWTH * 4000 - 1)
-    assert index.needs_rebuild(REBUILD_GROWTH * 4000)
+    assert not index.needs_rebuild(REBUILD_GROWTH * 4000 - 1, policy=SMALL_FLAT)
+    assert index.needs_rebuild(REBUILD_GROWTH * 4000, policy=SMALL_FLAT)
 
 
 def make_library(folder: Path, vectors: np.ndarray) -> Library:
@@ -447,30 +448,29 @@ def caption_encoder(captions: list[str]) -> np.ndarray:
     return PHOTOS.texts(len(captions), seed=len(captions))
 
 
-def test_the_library_index_grows_from_flat_to_ivfpq_and_is_retrained(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 4000 * DIM * 4)
-    monkeypatch.setattr(index_module, "REBUILD_GROWTH", 2)  # the real factor is tested above; this keeps N small
+def test_the_library_index_grows_from_flat_to_ivfpq_and_is_retrained(tmp_path):
+    # the real growth factor is tested above; 2 keeps N small here
+    policy = IndexPolicy(flat_max_bytes=4000 * DIM * 4, rebuild_growth=2)
     library = make_library(tmp_path / "lib", PHOTOS.images(3000, seed=18))
-    assert refresh_index(library, caption_encoder).params.kind == "flat"  # type: ignore[union-attr]
+    assert refresh_index(library, caption_encoder, policy=policy).params.kind == "flat"  # type: ignore[union-attr]
 
     add_photos(library, PHOTOS.images(5000, seed=19))  # 8,000: past the flat limit
-    grown = refresh_index(library, caption_encoder)
+    grown = refresh_index(library, caption_encoder, policy=policy)
     assert grown is not None and grown.params.kind == "ivfpq" and grown.params.trained_on == 8000
 
     add_photos(library, PHOTOS.images(1000, seed=20))  # 9,000: added to the trained index
-    kept = refresh_index(library, caption_encoder)
+    kept = refresh_index(library, caption_encoder, policy=policy)
     assert kept is not None and kept.params.trained_on == 8000 and kept.ntotal == 9000
 
     add_photos(library, PHOTOS.images(7000, seed=21))  # 16,000 = 2 x 8,000: retrained
-    retrained = refresh_index(library, caption_encoder)
+    retrained = refresh_index(library, caption_encoder, policy=policy)
     assert retrained is not None and retrained.params.trained_on == 16_000
     saved = VectorIndex.load(library.index_dir)
     assert saved is not None and saved.params.trained_on == 16_000
     np.testing.assert_array_equal(saved.ids(), library.store.all_ids())
 
 
-def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
+def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(tmp_path):
     library = make_library(tmp_path / "lib", PHOTOS.images(8000, seed=22))
     asked: list[list[str]] = []
 
@@ -478,23 +478,23 @@ def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(
         asked.append(captions)
         return caption_encoder(captions)
 
-    index = build_index(library, library.store.all_ids(), text_encoder)
-    assert asked == [index_module.builtin_captions()] and len(asked[0]) >= 300
+    index = build_index(library, library.store.all_ids(), text_encoder, policy=SMALL_FLAT)
+    assert asked == [builtin_captions()] and len(asked[0]) >= 300
     assert index.params.kind == "ivfpq"
     assert (index.params.query["text"].source, index.params.query["text"].queries) == ("caption embeddings",
                                                                                         len(asked[0]))
 
 
-def test_a_rebuild_without_the_model_weights_tunes_on_synthetic_text_queries(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
-    monkeypatch.setitem(TARGET_RECALL, "text", 0.5)  # synthetic queries here need not match this data's gap
+def test_a_rebuild_without_the_model_weights_tunes_on_synthetic_text_queries(tmp_path):
+    # synthetic queries here need not match this data's gap: a modest text target
+    policy = IndexPolicy(flat_max_bytes=SMALL_FLAT.flat_max_bytes, target_recall=MODEST_TEXT_TARGET.target_recall)
     library = make_library(tmp_path / "lib", PHOTOS.images(8000, seed=23))
     said: list[str] = []
 
     def weights_missing(captions: list[str]) -> np.ndarray:
         raise ModelError("The weights of model X could not be loaded.")
 
-    index = build_index(library, library.store.all_ids(), weights_missing, progress=said.append)
+    index = build_index(library, library.store.all_ids(), weights_missing, progress=said.append, policy=policy)
     assert index.params.query["text"].source == "synthetic text-like queries"
     assert any("could not be loaded" in line for line in said)
 

@@ -23,6 +23,7 @@ from clipsearch.index import (
     LIST_SLACK,
     PARAMS_FILE,
     TARGET_RECALL,
+    IndexPolicy,
     VectorIndex,
     choose_index,
     escalate,
@@ -474,13 +475,11 @@ def test_index_takes_a_memory_budget_and_refuses_a_bad_one_before_any_work(run_c
     assert json.loads(run_cli("stats", "--json").stdout)["indexed"] == 18
 
 
-def test_a_reader_without_a_saved_index_searches_exactly_at_once(tmp_path, monkeypatch):
-    from clipsearch.index import exact_search
+def test_a_reader_without_a_saved_index_searches_exactly_at_once(tmp_path):
     from clipsearch.sync import load_synced_index
 
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1024)  # so that this small library calls for IVF-PQ
     library = make_library(tmp_path / "lib", photos(N, seed=0))
-    assert index_module.choose_index(N, DIM).kind == "ivfpq"
+    assert choose_index(N, DIM, policy=IndexPolicy(flat_max_bytes=1024)).kind == "ivfpq", "a writer would train"
 
     index = load_synced_index(library, None)
     assert index is not None and index.params.kind == "flat", "exact, not trained and tuned in the reader"
