@@ -174,9 +174,9 @@ def latency_fields(latency: np.ndarray, suffix: str = "") -> dict[str, float]:
             f"p99_ms{suffix}": round(float(np.percentile(latency, 99)), 3)}
 
 
-def measure_kind(index: VectorIndex, store: VectorStore, flat: object, queries: np.ndarray, kind: str) -> dict:
+def measure_kind(index: VectorIndex, flat: object, queries: np.ndarray, kind: str) -> dict:
     truth = exact_top_k(flat, queries)
-    found, latency = timed_single_queries(lambda q: index.search(q, K, store, kind=kind), queries)
+    found, latency = timed_single_queries(lambda q: index.search(q, K, kind=kind), queries)
     suffix = "" if kind == "image" else "_text"
     return {f"recall_at_10{suffix}": round(recall(found, truth), 4), **latency_fields(latency, suffix)}
 
@@ -225,14 +225,13 @@ def measure_subset(index: VectorIndex, store: VectorStore, queries: np.ndarray, 
     order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1)
     truth = allowed[np.take_along_axis(best, order, axis=1)]
     found, latency = timed_single_queries(
-        lambda q: index.search(q, K, store, kind=kind, allowed_ids=allowed), queries)
+        lambda q: index.search(q, K, kind=kind, allowed_ids=allowed), queries)
     short = int(np.sum((found >= 0).sum(axis=1) < min(K, len(allowed))))
     return {"recall_at_10": round(recall(found, truth), 4), **latency_fields(latency),
             "results_short": short, "_latency": latency}
 
 
-def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.ndarray, n: int,
-                         seed: int) -> list[dict]:
+def measure_switch_point(index: VectorIndex, queries: np.ndarray, n: int, seed: int) -> list[dict]:
     """Latency of exact subset scoring vs the FAISS id-selector path for several subset sizes."""
     rng = np.random.default_rng(seed + 11)
     saved, rows = index.params.exact_subset_max, []
@@ -243,7 +242,7 @@ def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.nda
         for path, limit in (("exact", n + 1), ("selector", 0)):
             index.params.exact_subset_max = limit
             found[path], latency = timed_single_queries(
-                lambda q, a=allowed: index.search(q, K, store, allowed_ids=a), queries[:SWITCH_QUERIES])
+                lambda q, a=allowed: index.search(q, K, allowed_ids=a), queries[:SWITCH_QUERIES])
             row[f"{path}_ms"] = round(float(np.median(latency)), 3)
         row["selector_recall_at_10"] = round(recall(found["selector"], found["exact"]), 4)
         rows.append(row)
@@ -347,17 +346,17 @@ def measure_all(index: VectorIndex, store: VectorStore, queries: dict[str, np.nd
                 args: argparse.Namespace) -> dict:
     print("measuring", file=sys.stderr, flush=True)
     flat = flat_ground_truth(store, args.n)
-    result = measure_kind(index, store, flat, queries["image"], "image")
+    result = measure_kind(index, flat, queries["image"], "image")
     start = time.perf_counter()
-    index.search(queries["image"], K, store, kind="image")
+    index.search(queries["image"], K, kind="image")
     result["qps_batch"] = round(len(queries["image"]) / (time.perf_counter() - start), 1)
     result["bytes_per_vector"] = round((index.serialized_bytes() + index.ivfdata_bytes()) / args.n, 1)
     result.update(measure_flat_baseline(flat, queries["image"][:200]))
-    result.update(measure_kind(index, store, flat, queries["text"], "text"))
+    result.update(measure_kind(index, flat, queries["text"], "text"))
     del flat  # free the 4 bytes x dim x N ground-truth copy before the filtered runs
     result.update(measure_filtered(index, store, queries, args.n, args.seed))
     if index.params.kind != "flat" and not args.no_switch:
-        result["switch_point"] = measure_switch_point(index, store, queries["image"], args.n, args.seed)
+        result["switch_point"] = measure_switch_point(index, queries["image"], args.n, args.seed)
     result["params"] = index.describe()
     result["machine"] = {"cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version()}
     return result

@@ -690,12 +690,14 @@ class _DiskState:
 
 
 class VectorIndex:
-    """A FAISS index over image ids, with parameters tuned per query kind and exact re-ranking."""
+    """A FAISS index over the image ids of one vector store, with parameters tuned per query kind and exact
+    re-ranking from that store."""
 
-    def __init__(self, index: Any, params: IndexParams, present: np.ndarray, *, disk: _DiskState | None = None,
-                 buffer_bytes: int | None = None) -> None:
+    def __init__(self, index: Any, params: IndexParams, store: VectorStore, present: np.ndarray, *,
+                 disk: _DiskState | None = None, buffer_bytes: int | None = None) -> None:
         self._index = index
         self.params = params
+        self.store = store  # the exact vectors: what is added, and what re-ranking and exact search read
         self._present = present  # bool per image id: is it in the index (fast filter intersection)
         self._disk = disk  # None: the inverted lists are in RAM
         self._buffer_bytes = buffer_bytes  # bytes for row buffers (reads, exact search); None: default sizes
@@ -725,7 +727,7 @@ class VectorIndex:
                        f"({format_size(memory.peak_estimate(current, len(ids), store.dim))}); building with the "
                        "smallest buffers and shards")
             index = cls._fill(store, ids, current, planned.kind, memory, folder, use_gpu, seed, report, policy)
-            if index._tuned(store, text_queries, seed, report):
+            if index._tuned(text_queries, seed, report):
                 return index
             following = escalate(current, len(ids), store.dim, budget)
             if following is None:
@@ -735,10 +737,10 @@ class VectorIndex:
             report(f"target recall not reached; rebuilding as {following.factory}")
             current = following
 
-    def _tuned(self, store: VectorStore, text_queries: np.ndarray | None, seed: int, report: Progress) -> bool:
+    def _tuned(self, text_queries: np.ndarray | None, seed: int, report: Progress) -> bool:
         """Tune (flat needs none); a failure deletes the files this build wrote."""
         try:
-            return self.params.kind == "flat" or self._tune(store, text_queries, seed, report)
+            return self.params.kind == "flat" or self._tune(text_queries, seed, report)
         except BaseException:
             self.discard()
             raise
@@ -753,9 +755,9 @@ class VectorIndex:
         index = _new_faiss_index(plan, store.dim)
         if plan.kind != "flat":
             _train_from_store(index, store, ids, plan, memory, folder, seed, use_gpu, report)
-        built = cls(index, params, np.zeros(0, dtype=bool), buffer_bytes=memory.buffer_bytes)
+        built = cls(index, params, store, np.zeros(0, dtype=bool), buffer_bytes=memory.buffer_bytes)
         report(f"adding {len(ids):,} vectors")
-        built.add(store, ids)
+        built.add(ids)
         return built
 
     @classmethod
@@ -775,7 +777,7 @@ class VectorIndex:
                 shutil.rmtree(owned, ignore_errors=True)
             raise
         disk = _DiskState(ivfdata, saved=False, owned_folder=owned)
-        return cls(index, params, _mask_of(ids), disk=disk, buffer_bytes=memory.buffer_bytes)
+        return cls(index, params, store, _mask_of(ids), disk=disk, buffer_bytes=memory.buffer_bytes)
 
     def _use_most_thorough_setting(self, report: Progress) -> None:
         """For query kinds that missed their target: the most thorough setting of the tuning grid."""
@@ -798,17 +800,17 @@ class VectorIndex:
 
     # ---- tuning
 
-    def _tune(self, store: VectorStore, text_queries: np.ndarray | None, seed: int, report: Progress) -> bool:
+    def _tune(self, text_queries: np.ndarray | None, seed: int, report: Progress) -> bool:
         """Pick the cheapest parameters reaching the targets for each kind, unfiltered and filtered.
 
         False when some kind cannot reach its target on the grid (the caller then escalates the index).
         """
         rng = np.random.default_rng(seed + 1)
-        sets = self._tuning_sets(store, text_queries, rng)
+        sets = self._tuning_sets(text_queries, rng)
         subsets = self._filter_tuning_subsets(rng)
         for kind, (queries, exclude, source) in sets.items():
-            found = self._tune_kind(kind, queries, exclude, store)
-            bands = None if found is None else self._tune_filtered(queries, exclude, store, subsets)
+            found = self._tune_kind(kind, queries, exclude)
+            bands = None if found is None else self._tune_filtered(queries, exclude, subsets)
             if found is None or bands is None:
                 return False
             self.params.query[kind] = replace(found, queries=len(queries), source=source, filtered=bands)
@@ -818,9 +820,9 @@ class VectorIndex:
                    f"; filtered: {with_filter or 'every filter is scored exactly'}")
         return True
 
-    def _tuning_sets(self, store: VectorStore, text_queries: np.ndarray | None,
+    def _tuning_sets(self, text_queries: np.ndarray | None,
                      rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
-        ids = self.ids()
+        ids, store = self.ids(), self.store
         sample = np.sort(rng.choice(ids, min(IMAGE_TUNING_QUERIES, len(ids)), replace=False))
         image_queries = store.get(sample)
         if text_queries is not None and len(text_queries):
@@ -832,11 +834,10 @@ class VectorIndex:
         return {"image": (image_queries, sample, "held-out library vectors (leave-one-out)"),
                 "text": (text, no_exclusion, source)}
 
-    def _tune_kind(self, kind: str, queries: np.ndarray, exclude: np.ndarray,
-                   store: VectorStore) -> QueryParams | None:
-        truth = self._leave_one_out_truth(queries, exclude, store)
+    def _tune_kind(self, kind: str, queries: np.ndarray, exclude: np.ndarray) -> QueryParams | None:
+        truth = self._leave_one_out_truth(queries, exclude)
         return self._cheapest(self.params.target_recall[kind], _nprobe_grid(self.params.nlist),
-                              lambda nprobe: self._recalls_for(nprobe, queries, exclude, truth, store))
+                              lambda nprobe: self._recalls_for(nprobe, queries, exclude, truth))
 
     def _filter_tuning_subsets(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Random id subsets (like a folder filter that ignores content) that take the id-selector path:
@@ -846,24 +847,23 @@ class VectorIndex:
         return [ids if size == len(ids) else np.sort(rng.choice(ids, size, replace=False))
                 for size in sorted(sizes) if size > threshold]
 
-    def _tune_filtered(self, queries: np.ndarray, exclude: np.ndarray, store: VectorStore,
+    def _tune_filtered(self, queries: np.ndarray, exclude: np.ndarray,
                        subsets: list[np.ndarray]) -> list[FilterBand] | None:
         """For each subset, the cheapest (nprobe per selectivity, rerank) reaching the filtered target."""
         bands = []
         for subset in subsets:
-            best = self._tune_subset(queries, exclude, store, subset)
+            best = self._tune_subset(queries, exclude, subset)
             if best is None:
                 return None
             bands.append(FilterBand(round(len(subset) / max(self.ntotal, 1), 6), best.nprobe, best.rerank,
                                     best.recall_at_10))
         return bands
 
-    def _tune_subset(self, queries: np.ndarray, exclude: np.ndarray, store: VectorStore,
-                     subset: np.ndarray) -> QueryParams | None:
-        truth = self._leave_one_out_truth(queries, exclude, store, subset)
+    def _tune_subset(self, queries: np.ndarray, exclude: np.ndarray, subset: np.ndarray) -> QueryParams | None:
+        truth = self._leave_one_out_truth(queries, exclude, subset)
         return self._cheapest(self.params.target_recall["filtered"], _nprobe_grid(self.params.nlist, 1),
                               lambda base: self._recalls_for(self._filtered_nprobe(base, len(subset)), queries,
-                                                             exclude, truth, store, subset))
+                                                             exclude, truth, subset))
 
     def _cheapest(self, target: float, nprobes: list[int],
                   recalls_at: Callable[[int], Iterator[tuple[int, np.ndarray]]]) -> QueryParams | None:
@@ -878,20 +878,20 @@ class VectorIndex:
                     best = (cost, QueryParams(nprobe, rerank, round(float(np.mean(per_query)), 4)))
         return None if best is None else best[1]
 
-    def _leave_one_out_truth(self, queries: np.ndarray, exclude: np.ndarray, store: VectorStore,
+    def _leave_one_out_truth(self, queries: np.ndarray, exclude: np.ndarray,
                              allowed: np.ndarray | None = None) -> np.ndarray:
-        _, truth = exact_search(queries, RECALL_K + 1, store, self.ids() if allowed is None else allowed,
+        _, truth = exact_search(queries, RECALL_K + 1, self.store, self.ids() if allowed is None else allowed,
                                 chunk=self._exact_rows(len(queries)))
         return _drop_excluded(truth, exclude, RECALL_K)
 
     def _recalls_for(self, nprobe: int, queries: np.ndarray, exclude: np.ndarray, truth: np.ndarray,
-                     store: VectorStore, allowed: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                     allowed: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Per-query recall@10 for each rerank factor at this nprobe (within `allowed` when given), from one
         FAISS search of the deepest candidate list."""
         depth = min(RECALL_K * RERANK_FACTORS[-1] + 1, self.ntotal if allowed is None else len(allowed))
         _, candidates = self._faiss_search(queries, depth, nprobe, allowed)
         candidates = np.where(candidates == exclude[:, None], -1, candidates)
-        scores = candidate_scores(queries, candidates, store, chunk=self._rerank_queries(depth))
+        scores = candidate_scores(queries, candidates, self.store, chunk=self._rerank_queries(depth))
         self_slot = int(bool(np.any(exclude >= 0)))  # the left-out query itself may take one slot
         for rerank in RERANK_FACTORS:
             width = min(RECALL_K * rerank + self_slot, depth)
@@ -930,7 +930,7 @@ class VectorIndex:
 
     # ---- contents
 
-    def add(self, store: VectorStore, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray) -> None:
         """Add the stored vectors of `ids`; an id already in the index is replaced by its stored vector.
 
         On an on-disk index they go to the in-RAM twin until the next `save` (the .ivfdata never changes).
@@ -941,7 +941,7 @@ class VectorIndex:
         self.remove(ids[self._contains(ids)])
         target = self._index if self._disk is None else self._disk.twin_for_adding(self._index)
         with _faiss_threads(_available_cores()):
-            for chunk_ids, vectors in store.iter_chunks(ids, self._read_rows()):
+            for chunk_ids, vectors in self.store.iter_chunks(ids, self._read_rows()):
                 target.add_with_ids(vectors, chunk_ids)
         self._present = _grown(self._present, int(ids[-1]) + 1)
         self._present[ids] = True
@@ -980,9 +980,8 @@ class VectorIndex:
 
     # ---- searching
 
-    def search(self, queries: np.ndarray, k: int, store: VectorStore, *, kind: str = "image",
-               allowed_ids: np.ndarray | None = None, nprobe: int | None = None,
-               rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, kind: str = "image", allowed_ids: np.ndarray | None = None,
+               nprobe: int | None = None, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (exact cosine scores, ids) per query, best first, padded with (-inf, -1).
 
         `kind` ("image", "text" or "combined") picks the tuned parameters; `nprobe`/`rerank` override them.
@@ -990,12 +989,12 @@ class VectorIndex:
         """
         if k < 1:
             raise ValueError("k must be at least 1")
-        queries = _as_queries(queries, store.dim)
+        queries = _as_queries(queries, self.store.dim)
         chosen = self._query_params(kind, nprobe, rerank)
         with _faiss_threads(1 if len(queries) < SMALL_BATCH else _available_cores()):
             if allowed_ids is None:
-                return self._search_all(queries, k, store, chosen)
-            return self._search_subset(queries, k, store, chosen, np.asarray(allowed_ids, dtype=np.int64))
+                return self._search_all(queries, k, chosen)
+            return self._search_subset(queries, k, chosen, np.asarray(allowed_ids, dtype=np.int64))
 
     def set_params(self, kind: str, *, nprobe: int | None = None, rerank: int | None = None,
                    filtered_nprobe: int | None = None, filtered_rerank: int | None = None) -> None:
@@ -1025,29 +1024,28 @@ class VectorIndex:
         bands = [replace(b, nprobe=nprobe or b.nprobe, rerank=rerank or b.rerank) for b in base.filtered]
         return replace(base, nprobe=nprobe or base.nprobe, rerank=rerank or base.rerank, filtered=bands)
 
-    def _search_all(self, queries: np.ndarray, k: int, store: VectorStore,
-                    chosen: QueryParams) -> tuple[np.ndarray, np.ndarray]:
+    def _search_all(self, queries: np.ndarray, k: int, chosen: QueryParams) -> tuple[np.ndarray, np.ndarray]:
         if self.params.kind == "flat":
             return self._flat_search(queries, k, None)
         depth = min(k * chosen.rerank, self.ntotal)
         _, candidates = self._faiss_search(queries, depth, chosen.nprobe, None)
-        return top_k_by_score(candidate_scores(queries, candidates, store), candidates, k)
+        return top_k_by_score(candidate_scores(queries, candidates, self.store), candidates, k)
 
-    def _search_subset(self, queries: np.ndarray, k: int, store: VectorStore, chosen: QueryParams,
+    def _search_subset(self, queries: np.ndarray, k: int, chosen: QueryParams,
                        allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(allowed) > 1 and np.any(np.diff(allowed) <= 0):
             allowed = np.unique(allowed)  # callers should pass sorted ids; this keeps wrong input correct
         allowed = allowed[self._contains(allowed)]  # only ids in the index can be answers
         if len(allowed) <= self.params.exact_subset_max:
-            return exact_search(queries, k, store, allowed)
+            return exact_search(queries, k, self.store, allowed)
         if self.params.kind == "flat":
             return self._flat_search(queries, k, _bitmap_selector(allowed))
         base, rerank = chosen.for_filter(len(allowed) / max(self.ntotal, 1))
         nprobe = self._filtered_nprobe(base, len(allowed))
         depth = min(k * rerank, len(allowed))
         _, candidates = self._faiss_search(queries, depth, nprobe, allowed)
-        scores, ids = top_k_by_score(candidate_scores(queries, candidates, store), candidates, k)
-        return _fill_short_rows(scores, ids, queries, min(k, len(allowed)), store, allowed)
+        scores, ids = top_k_by_score(candidate_scores(queries, candidates, self.store), candidates, k)
+        return _fill_short_rows(scores, ids, queries, min(k, len(allowed)), self.store, allowed)
 
     def _flat_search(self, queries: np.ndarray, k: int, selector: Any) -> tuple[np.ndarray, np.ndarray]:
         params = None if selector is None else _faiss().SearchParameters(sel=selector)
@@ -1196,8 +1194,9 @@ class VectorIndex:
             cleaning.unlink(missing_ok=True)  # a mapped file lives on until `cleaned` is freed
 
     @classmethod
-    def load(cls, folder: Path) -> VectorIndex | None:
-        """The saved index, or None when none was saved; IndexFileError when it cannot be read.
+    def load(cls, folder: Path, store: VectorStore) -> VectorIndex | None:
+        """The index saved in `folder` over the vectors of `store`, or None when none was saved; IndexFileError
+        when it cannot be read.
 
         A writer may swap in a new index between our reading the JSON and opening the files it names (and
         then delete them): when the JSON changed meanwhile, the new one is read instead.
@@ -1208,21 +1207,21 @@ class VectorIndex:
                 return None
             params = _read_params(params_path)
             try:
-                return cls._open(Path(folder), params)
+                return cls._open(Path(folder), params, store)
             except IndexFileError:
                 if attempt + 1 == LOAD_ATTEMPTS or _read_params_or_none(params_path) == params:
                     raise
         return None
 
     @classmethod
-    def _open(cls, folder: Path, params: IndexParams) -> VectorIndex:
+    def _open(cls, folder: Path, params: IndexParams, store: VectorStore) -> VectorIndex:
         data = _read_faiss_bytes(folder / params.index_file, params)
         if not params.ivfdata_file:
             index = _deserialize(data, folder / params.index_file)
-            return cls(index, params, _present_mask(index))
+            return cls(index, params, store, _present_mask(index))
         ivfdata = folder / params.ivfdata_file
         index = _open_on_disk(data, ivfdata, params)
-        return cls(index, params, _present_mask(index), disk=_DiskState(ivfdata, saved=True))
+        return cls(index, params, store, _present_mask(index), disk=_DiskState(ivfdata, saved=True))
 
 
 # ------------------------------------------------------------------------------------------- module helpers

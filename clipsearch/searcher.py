@@ -140,7 +140,7 @@ class Searcher:
         if index is None:
             return []
         queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        scores, ids = index.search(queries, k + offset, self.library.vectors(), kind=kind, allowed_ids=allowed)
+        scores, ids = index.search(queries, k + offset, kind=kind, allowed_ids=allowed)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         if min_score is not None:
             found = [(i, s) for i, s in found if s >= min_score]

@@ -40,7 +40,7 @@ def load_synced_index(library: Library, previous: VectorIndex | None, reload: bo
     index = previous if previous is not None and not reload else _load_or_none(library)
     if index is None:
         return _interim_index(library.vectors(), ids)
-    sync_index(index, library.vectors(), ids)
+    sync_index(index, ids)
     return index
 
 
@@ -53,7 +53,7 @@ def _interim_index(vectors: VectorStore, ids: np.ndarray) -> VectorIndex:
     return VectorIndex.build(vectors, ids, plan=flat_plan() if fits else None)
 
 
-def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> bool:
+def sync_index(index: VectorIndex, ids: np.ndarray) -> bool:
     """Add committed ids the index lacks, remove ids no longer committed; True when anything changed."""
     present = index.ids()
     missing = np.setdiff1d(ids, present, assume_unique=True)
@@ -61,7 +61,7 @@ def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> boo
     if len(extra):
         index.remove(extra)
     if len(missing):
-        index.add(vectors, missing)
+        index.add(missing)
     return bool(len(missing) or len(extra))
 
 
@@ -85,7 +85,7 @@ def refresh_index(
         index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget, policy=policy)
     else:
         index.limit_memory(budget)
-        if not sync_index(index, library.vectors(), ids):
+        if not sync_index(index, ids):
             return index
     save_index(library, index)
     return index
@@ -140,7 +140,9 @@ def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],
 
 def _load_or_none(library: Library) -> VectorIndex | None:
     """The saved index, or None when there is none or it cannot be read (it is rebuilt from vectors)."""
+    if library.dim() is None:  # nothing was ever encoded, so no index can have been built
+        return None
     try:
-        return VectorIndex.load(library.index_dir)
+        return VectorIndex.load(library.index_dir, library.vectors())
     except IndexFileError:
         return None

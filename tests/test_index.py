@@ -196,7 +196,7 @@ def test_escalation_goes_to_bigger_codes_then_flat():
 def test_reranked_scores_are_exact_cosines(photos, ivfpq):
     store, _ = photos
     queries = PHOTOS.images(50, seed=1)
-    scores, ids = ivfpq.search(queries, K, store)
+    scores, ids = ivfpq.search(queries, K)
     assert (ids > 0).all()
     exact = np.einsum("qd,qkd->qk", queries, store.get(ids.ravel()).reshape(*ids.shape, DIM))
     np.testing.assert_allclose(scores, exact, rtol=0, atol=1e-6)
@@ -207,7 +207,7 @@ def test_reranked_top_hits_match_brute_force(photos, ivfpq):
     store, ids = photos
     queries = PHOTOS.images(50, seed=2)
     true_scores, _ = exact_search(queries, K, store, ids)
-    scores, _ = ivfpq.search(queries, K, store)
+    scores, _ = ivfpq.search(queries, K)
     np.testing.assert_allclose(scores[:, 0], true_scores[:, 0], atol=1e-6)  # the best hit is never missed
 
 
@@ -227,7 +227,7 @@ def test_tuning_stores_parameters_whose_recall_reaches_the_target(photos, ivfpq,
 def test_tuned_parameters_hold_on_fresh_queries(photos, ivfpq, kind):
     store, ids = photos
     queries = PHOTOS.images(300, seed=3) if kind == "image" else PHOTOS.texts(300, seed=3)
-    _, found = ivfpq.search(queries, K, store, kind=kind)
+    _, found = ivfpq.search(queries, K, kind=kind)
     assert recall_at(found, true_top_k(queries, store, ids)) >= TARGET_RECALL[kind] - 0.02
 
 
@@ -243,7 +243,7 @@ def test_image_parameters_would_lose_text_results(photos, ivfpq):
     store, ids = photos
     image = ivfpq.params.query["image"]
     queries = PHOTOS.texts(300, seed=4)
-    _, found = ivfpq.search(queries, K, store, kind="text", nprobe=image.nprobe, rerank=image.rerank)
+    _, found = ivfpq.search(queries, K, kind="text", nprobe=image.nprobe, rerank=image.rerank)
     assert recall_at(found, true_top_k(queries, store, ids)) < TARGET_RECALL["text"]
 
 
@@ -273,7 +273,7 @@ def test_an_unreachable_target_escalates_to_bigger_codes_then_flat(tmp_path):
                         "target recall not reached; rebuilding as Flat"]
     assert (index.params.kind, index.params.planned_kind) == ("flat", "ivfpq")
     queries = unit_rows(np.random.default_rng(7).standard_normal((20, DIM)))
-    np.testing.assert_array_equal(index.search(queries, K, store)[1], true_top_k(queries, store, ids))
+    np.testing.assert_array_equal(index.search(queries, K)[1], true_top_k(queries, store, ids))
 
 
 # ----------------------------------------------------------------------------------------- files on disk
@@ -282,18 +282,18 @@ def test_an_unreachable_target_escalates_to_bigger_codes_then_flat(tmp_path):
 def test_save_and_load_round_trip(tmp_path, photos, ivfpq):
     store, _ = photos
     ivfpq.save(tmp_path / "index")
-    loaded = VectorIndex.load(tmp_path / "index")
+    loaded = VectorIndex.load(tmp_path / "index", store)
     assert loaded is not None
     assert loaded.params.to_json() == ivfpq.params.to_json()
     np.testing.assert_array_equal(loaded.ids(), ivfpq.ids())
     queries = PHOTOS.texts(20, seed=8)
     for kind in ("image", "text"):
-        np.testing.assert_array_equal(loaded.search(queries, K, store, kind=kind)[1],
-                                      ivfpq.search(queries, K, store, kind=kind)[1])
+        np.testing.assert_array_equal(loaded.search(queries, K, kind=kind)[1],
+                                      ivfpq.search(queries, K, kind=kind)[1])
 
 
 def test_loading_where_nothing_was_saved_gives_none(tmp_path):
-    assert VectorIndex.load(tmp_path / "index") is None
+    assert VectorIndex.load(tmp_path / "index", VectorStore(tmp_path / "v.f32", DIM)) is None
 
 
 def test_a_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
@@ -312,7 +312,7 @@ def test_a_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         index.save(tmp_path / "index")
     monkeypatch.undo()
-    kept = VectorIndex.load(tmp_path / "index")
+    kept = VectorIndex.load(tmp_path / "index", store)
     assert kept is not None and len(kept.ids()) == 500
     assert len(list((tmp_path / "index").glob("*.faiss"))) == 1, "the half-written new file is cleaned up"
 
@@ -330,37 +330,37 @@ def test_save_failure_through_sync_says_what_to_do(tmp_path, monkeypatch):
         save_index(library, index)
 
 
-def saved_index(tmp_path: Path) -> tuple[Path, Path]:
+def saved_index(tmp_path: Path) -> tuple[Path, Path, VectorStore]:
     store, ids = make_store(tmp_path, PHOTOS.images(300, seed=11))
     VectorIndex.build(store, ids).save(tmp_path / "index")
     (faiss_file,) = (tmp_path / "index").glob("*.faiss")
-    return tmp_path / "index", faiss_file
+    return tmp_path / "index", faiss_file, store
 
 
 def test_a_damaged_index_file_raises_index_file_error(tmp_path):
-    folder, faiss_file = saved_index(tmp_path)
+    folder, faiss_file, store = saved_index(tmp_path)
     data = bytearray(faiss_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     faiss_file.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match="damaged"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 def test_a_truncated_or_missing_index_file_raises_index_file_error(tmp_path):
-    folder, faiss_file = saved_index(tmp_path)
+    folder, faiss_file, store = saved_index(tmp_path)
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
     with pytest.raises(IndexFileError, match="damaged"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
     faiss_file.unlink()
     with pytest.raises(IndexFileError, match="cannot be read"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 def test_unreadable_parameters_raise_index_file_error(tmp_path):
-    folder, _ = saved_index(tmp_path)
+    folder, _, store = saved_index(tmp_path)
     (folder / PARAMS_FILE).write_text("{not json")
     with pytest.raises(IndexFileError, match="parameters"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 # ------------------------------------------------------------------------------------ contents and growth
@@ -371,14 +371,14 @@ def test_added_vectors_are_found_and_removed_ones_never_come_back(tmp_path):
     index = build_ivfpq(store, ids, nlist=64)
     new_ids = np.arange(5001, 5101)
     store.write(new_ids, PHOTOS.images(100, seed=13))
-    index.add(store, new_ids)
+    index.add(new_ids)
     assert index.ntotal == 5100
-    _, found = index.search(store.get(new_ids), 1, store)
+    _, found = index.search(store.get(new_ids), 1)
     assert (found[:, 0] == new_ids).mean() >= 0.99
     gone = np.concatenate([ids[:50], new_ids[:50]])
     index.remove(gone)
     assert index.ntotal == 5000 and not np.isin(gone, index.ids()).any()
-    _, found = index.search(store.get(gone), K, store)
+    _, found = index.search(store.get(gone), K)
     assert not np.isin(found, gone).any()
 
 
@@ -387,9 +387,9 @@ def test_adding_an_id_again_replaces_its_vector(tmp_path):
     index = VectorIndex.build(store, ids)
     replacement = PHOTOS.images(1, seed=15)
     store.write(np.array([7]), replacement)
-    index.add(store, np.array([7]))
+    index.add(np.array([7]))
     assert index.ntotal == 1000
-    scores, found = index.search(replacement, 1, store)
+    scores, found = index.search(replacement, 1)
     assert found[0, 0] == 7 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -397,9 +397,9 @@ def test_sync_index_follows_the_committed_ids(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1200, seed=16))
     index = VectorIndex.build(store, ids[:1000])
     committed = np.concatenate([ids[100:1000], ids[1000:]])  # 100 deleted, 200 added
-    assert sync_index(index, store, committed) is True
+    assert sync_index(index, committed) is True
     np.testing.assert_array_equal(index.ids(), committed)
-    assert sync_index(index, store, committed) is False
+    assert sync_index(index, committed) is False
 
 
 def test_a_flat_index_asks_for_ivfpq_once_the_collection_outgrows_it(tmp_path):
@@ -465,7 +465,7 @@ def test_the_library_index_grows_from_flat_to_ivfpq_and_is_retrained(tmp_path):
     add_photos(library, PHOTOS.images(7000, seed=21))  # 16,000 = 2 x 8,000: retrained
     retrained = refresh_index(library, caption_encoder, policy=policy)
     assert retrained is not None and retrained.params.trained_on == 16_000
-    saved = VectorIndex.load(library.index_dir)
+    saved = VectorIndex.load(library.index_dir, library.vectors())
     assert saved is not None and saved.params.trained_on == 16_000
     np.testing.assert_array_equal(saved.ids(), library.store.all_ids())
 
@@ -513,7 +513,7 @@ def assert_filtered_results_match_exact(index: VectorIndex, store: VectorStore, 
                                         kind: str, min_recall: float) -> None:
     queries = PHOTOS.images(200, seed=24) if kind == "image" else PHOTOS.texts(200, seed=24)
     true_scores, truth = exact_search(queries, K, store, allowed)
-    scores, found = index.search(queries, K, store, kind=kind, allowed_ids=allowed)
+    scores, found = index.search(queries, K, kind=kind, allowed_ids=allowed)
     assert ((found >= 0).sum(axis=1) == min(K, len(allowed))).all(), "never short when k photos pass"
     assert np.isin(found[found >= 0], allowed).all()
     if len(allowed):
@@ -559,7 +559,7 @@ def test_a_filter_keeping_one_photo_returns_exactly_that_photo(photos, ivfpq):
     store, _ = photos
     for limit in (ivfpq.params.exact_subset_max, 0):
         ivfpq.params.exact_subset_max = limit
-        scores, found = ivfpq.search(PHOTOS.texts(3, seed=25), K, store, kind="text", allowed_ids=np.array([4242]))
+        scores, found = ivfpq.search(PHOTOS.texts(3, seed=25), K, kind="text", allowed_ids=np.array([4242]))
         assert (found[:, 0] == 4242).all() and (found[:, 1:] == -1).all()
         assert np.isfinite(scores[:, 0]).all() and np.isneginf(scores[:, 1:]).all()
     ivfpq.params.exact_subset_max = index_module.EXACT_SUBSET_MAX_ROWS
@@ -567,14 +567,14 @@ def test_a_filter_keeping_one_photo_returns_exactly_that_photo(photos, ivfpq):
 
 def test_a_filter_keeping_nothing_returns_nothing(photos, ivfpq):
     store, _ = photos
-    scores, found = ivfpq.search(PHOTOS.images(3, seed=26), K, store, allowed_ids=np.array([], dtype=np.int64))
+    scores, found = ivfpq.search(PHOTOS.images(3, seed=26), K, allowed_ids=np.array([], dtype=np.int64))
     assert found.shape == (3, K) and (found == -1).all() and np.isneginf(scores).all()
 
 
 def test_filters_naming_photos_outside_the_index_ignore_them(photos, ivfpq):
     store, _ = photos
     allowed = np.array([5, 6, N + 5, N + 6])  # the last two were never indexed
-    _, found = ivfpq.search(PHOTOS.images(2, seed=27), K, store, allowed_ids=allowed)
+    _, found = ivfpq.search(PHOTOS.images(2, seed=27), K, allowed_ids=allowed)
     assert set(found[found >= 0].tolist()) == {5, 6}
 
 
@@ -582,8 +582,8 @@ def test_unsorted_filters_give_the_same_answer(photos, ivfpq):
     store, _ = photos
     allowed = subset(300, seed=1)
     queries = PHOTOS.images(5, seed=28)
-    np.testing.assert_array_equal(ivfpq.search(queries, K, store, allowed_ids=allowed[::-1])[1],
-                                  ivfpq.search(queries, K, store, allowed_ids=allowed)[1])
+    np.testing.assert_array_equal(ivfpq.search(queries, K, allowed_ids=allowed[::-1])[1],
+                                  ivfpq.search(queries, K, allowed_ids=allowed)[1])
 
 
 # ------------------------------------------------------------------------------------------- overrides
@@ -598,11 +598,11 @@ def test_set_params_overrides_the_tuned_values_and_is_saved(tmp_path):
     assert (changed.nprobe, changed.rerank, changed.source) == (64, 32, "set by caller")
     assert changed.recall_at_10 is None and index.params.query["image"] == image
     index.save(tmp_path / "index")
-    loaded = VectorIndex.load(tmp_path / "index")
+    loaded = VectorIndex.load(tmp_path / "index", store)
     assert loaded is not None and loaded.params.query["text"] == changed
     assert all(band.nprobe == 64 and band.rerank == 32 for band in changed.filtered)
     queries = PHOTOS.texts(100, seed=30)
-    _, found = loaded.search(queries, K, store, kind="text")  # every list scanned, 320 candidates re-ranked
+    _, found = loaded.search(queries, K, kind="text")  # every list scanned, 320 candidates re-ranked
     assert recall_at(found, true_top_k(queries, store, ids)) >= 0.99
     assert tuned.nprobe < 64
 
@@ -623,8 +623,8 @@ def test_search_arguments_override_the_stored_parameters(photos, ivfpq):
     store, ids = photos
     queries = PHOTOS.texts(100, seed=31)
     truth = true_top_k(queries, store, ids)
-    _, rough = ivfpq.search(queries, K, store, kind="text", nprobe=1, rerank=1)
-    _, thorough = ivfpq.search(queries, K, store, kind="text", nprobe=NLIST, rerank=64)
+    _, rough = ivfpq.search(queries, K, kind="text", nprobe=1, rerank=1)
+    _, thorough = ivfpq.search(queries, K, kind="text", nprobe=NLIST, rerank=64)
     assert recall_at(rough, truth) < recall_at(thorough, truth)
     assert recall_at(thorough, truth) >= 0.99
 
@@ -642,7 +642,7 @@ def test_combined_queries_take_the_more_thorough_setting_of_each_kind(ivfpq):
 def test_unknown_query_kinds_are_refused(photos, ivfpq):
     store, _ = photos
     with pytest.raises(ValueError, match="unknown query kind"):
-        ivfpq.search(PHOTOS.images(1, seed=32), K, store, kind="audio")
+        ivfpq.search(PHOTOS.images(1, seed=32), K, kind="audio")
     with pytest.raises(ValueError, match="unknown query kind"):
         ivfpq.set_params("combined", nprobe=2)
 
