@@ -3,7 +3,7 @@
     python benchmarks/index_bench.py --n 1000000 --dim 512 --queries 1000 --out benchmarks/results/index_1e6.json
     python benchmarks/index_bench.py --n 1000000 --dim 512 --memory-budget-mb 256 --out ...  # bounded build
 
-The index is built through `clipsearch.index.VectorIndex.build` exactly as the library builds it (vectors in a
+The index is built through `clipsearch.index.BuildJob` exactly as the library builds it (vectors in a
 temporary `VectorStore`, ids 1..N); ground truth comes from an exhaustive `faiss.IndexFlatIP`.
 
 Generated data (when --vectors is not given), seedable with --seed:
@@ -18,7 +18,7 @@ Generated data (when --vectors is not given), seedable with --seed:
   ``g`` one shared offset direction (the modality gap), ``x`` a fresh image-like point and ``u`` a random unit
   direction; the true top-10 then sits at cosine ~0.3, like CLIP text queries. A separate draw of 390 such
   queries (the size of the built-in caption list) plays the role of the caption embeddings that the library
-  passes to `VectorIndex.build` for tuning; the evaluated text queries are never seen by the tuning.
+  passes to `BuildJob` for tuning; the evaluated text queries are never seen by the tuning.
 
 --vectors FILE.npy (float32 N x dim unit rows) replaces the generated vectors: the last --queries rows become
 the image-like queries and the rest the library. --text-queries FILE.npy (float32 unit rows from outside the
@@ -35,7 +35,7 @@ recall@10 against the exact answer.
 
 Memory (--memory-budget-mb, in MiB; default: the library's default budget, half the machine's memory): the
 build gets that budget and goes on disk, in shards, when the index does not fit it (`on_disk`, `ivfdata_bytes`,
-the lists file written to the run's temporary folder). While `VectorIndex.build` runs, a background thread reads
+the lists file written to the run's temporary folder). While `BuildJob.run` runs, a background thread reads
 /proc/self/status every 10 ms: `peak_anon_mb` is the largest RssAnon seen (the memory the build allocated; the
 memory-mapped vectors, training sample and lists are file-backed pages the kernel can drop), `peak_rss_mb` the
 kernel's own high-water mark VmHWM, reset just before the build (it also counts those file pages while they are
@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipsearch.index import VectorIndex, text_like_queries  # noqa: E402
+from clipsearch.index import BuildJob, VectorIndex, text_like_queries  # noqa: E402
 from clipsearch.vectors import VectorStore  # noqa: E402
 
 K = 10
@@ -329,9 +329,9 @@ def run(args: argparse.Namespace) -> dict:
         budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
         start = time.perf_counter()
         with MemorySampler() as memory:
-            index = VectorIndex.build(store, ids, text_queries=queries["captions"], seed=args.seed,
-                                      progress=lambda message: print(message, file=sys.stderr, flush=True),
-                                      memory_budget_bytes=budget, folder=Path(folder) / "index")
+            index = BuildJob(store, ids, text_queries=queries["captions"], seed=args.seed,
+                             progress=lambda message: print(message, file=sys.stderr, flush=True),
+                             memory_budget_bytes=budget, folder=Path(folder) / "index").run()
         result = {"n": args.n, "dim": args.dim, "queries": args.queries, "seed": args.seed,
                   "index": index.params.factory, "build_s": round(time.perf_counter() - start, 1),
                   "memory_budget_mb": args.memory_budget_mb, **memory.fields(),

@@ -5,8 +5,8 @@ adds what is missing (from the stored vectors, never re-encoding) and removes wh
 this in memory; the writer also saves the result (atomically) so the next reader starts in step.
 
 The writer's builds follow a memory budget (`memory_budget_bytes`, else ``$CLIPSEARCH_INDEX_MEMORY``, else half
-the machine's memory: `clipsearch.memory`); an index that does not fit is built on disk, in shards, beside the
-saved one in the library's index folder (`clipsearch.index`, "The memory budget").
+the machine's memory: `clipsearch.index.budget`); an index that does not fit is built on disk, in shards, beside
+the saved one in the library's index folder (`clipsearch.index.build`; docs/index.md, "The memory budget").
 """
 
 from __future__ import annotations
@@ -16,9 +16,17 @@ from collections.abc import Callable
 import numpy as np
 
 from clipsearch.errors import IndexFileError, ModelError
-from clipsearch.index import DEFAULT_POLICY, IndexPolicy, VectorIndex, builtin_captions, choose_index, flat_plan
+from clipsearch.index import (
+    DEFAULT_POLICY,
+    BuildJob,
+    IndexPolicy,
+    VectorIndex,
+    builtin_captions,
+    choose_index,
+    flat_plan,
+    resolve_memory_budget,
+)
 from clipsearch.library import Library
-from clipsearch.memory import resolve_memory_budget
 from clipsearch.vectors import VectorStore
 
 Progress = Callable[[str], None]
@@ -50,7 +58,7 @@ def _interim_index(vectors: VectorStore, ids: np.ndarray) -> VectorIndex:
     keep the first query waiting for minutes at 10^6 photos. The writer saves the tuned index at the end of its
     run, and the reader's next query picks it up. Past the memory budget the reader builds as the writer would."""
     fits = len(ids) * vectors.dim * 4 <= resolve_memory_budget()
-    return VectorIndex.build(vectors, ids, plan=flat_plan() if fits else None)
+    return BuildJob(vectors, ids, plan=flat_plan() if fits else None).run()
 
 
 def sync_index(index: VectorIndex, ids: np.ndarray) -> bool:
@@ -122,8 +130,8 @@ def build_index(
     text_queries = None
     if plan.kind != "flat" and text_encoder is not None:
         text_queries = _caption_embeddings(text_encoder, progress)
-    return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
-                             memory_budget_bytes=budget, folder=library.index_dir, policy=policy)
+    return BuildJob(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
+                    memory_budget_bytes=budget, folder=library.index_dir, policy=policy).run()
 
 
 def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],

@@ -28,8 +28,8 @@ from clipsearch.indexer.crawl import CrawlProblem, FoundFile, crawl
 from clipsearch.indexer.plan import Plan, make_plan
 from clipsearch.indexer.workers import DecodedItem, PoolKind, decode_stream
 
+from clipsearch.index import resolve_memory_budget
 from clipsearch.library import Library
-from clipsearch.memory import resolve_memory_budget
 from clipsearch.model import ClipModel, ModelSpec, PendingVectors
 
 Progress = Callable[[str, dict[str, Any]], None]

@@ -22,6 +22,7 @@ from clipsearch.index import (
     PARAMS_FILE,
     REBUILD_GROWTH,
     TARGET_RECALL,
+    BuildJob,
     FilterBand,
     IndexParams,
     IndexPolicy,
@@ -38,6 +39,7 @@ from clipsearch.index import (
     recall_at,
     text_like_queries,
 )
+from clipsearch.index.tuning import search_cost
 from clipsearch.library import Library
 from clipsearch.model import ModelSpec
 from clipsearch.sync import build_index, refresh_index, save_index, sync_index
@@ -104,7 +106,7 @@ def true_top_k(queries: np.ndarray, store: VectorStore, ids: np.ndarray, k: int 
 
 def build_ivfpq(store: VectorStore, ids: np.ndarray, nlist: int = NLIST, **options: object) -> VectorIndex:
     plan = ivfpq_plan(len(ids), store.dim, nlist=nlist)
-    return VectorIndex.build(store, ids, text_queries=PHOTOS.texts(390, seed=99), plan=plan, **options)  # type: ignore[arg-type]
+    return BuildJob(store, ids, text_queries=PHOTOS.texts(390, seed=99), plan=plan, **options).run()  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def ivfpq(photos: tuple[VectorStore, np.ndarray]) -> VectorIndex:
 @pytest.fixture(scope="module")
 def flat(photos: tuple[VectorStore, np.ndarray]) -> VectorIndex:
     store, ids = photos
-    return VectorIndex.build(store, ids, plan=flat_plan())
+    return BuildJob(store, ids, plan=flat_plan()).run()
 
 
 # -------------------------------------------------------------------------------------- choosing the index
@@ -235,7 +237,8 @@ def test_text_queries_get_their_own_more_thorough_parameters(ivfpq):
     image, text = ivfpq.params.query["image"], ivfpq.params.query["text"]
     assert (text.nprobe, text.rerank) != (image.nprobe, image.rerank)
     assert text.nprobe >= image.nprobe and text.rerank >= image.rerank
-    assert ivfpq._cost(text.nprobe, text.rerank) > ivfpq._cost(image.nprobe, image.rerank)
+    assert (search_cost(ivfpq.params, ivfpq.ntotal, text.nprobe, text.rerank)
+            > search_cost(ivfpq.params, ivfpq.ntotal, image.nprobe, image.rerank))
 
 
 def test_image_parameters_would_lose_text_results(photos, ivfpq):
@@ -255,7 +258,7 @@ def test_text_tuning_uses_the_given_caption_embeddings(ivfpq):
 
 def test_text_tuning_without_a_text_encoder_synthesises_text_like_queries(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(5000, seed=5))
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), policy=MODEST_TEXT_TARGET)
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), policy=MODEST_TEXT_TARGET).run()
     text = index.params.query["text"]
     assert index.params.kind == "ivfpq"
     assert (text.source, text.queries) == ("synthetic text-like queries", 400)
@@ -267,7 +270,7 @@ def test_an_unreachable_target_escalates_to_bigger_codes_then_flat(tmp_path):
     vectors = unit_rows(np.random.default_rng(6).standard_normal((4000, DIM)))
     store, ids = make_store(tmp_path, vectors)
     messages: list[str] = []
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), progress=messages.append)
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), progress=messages.append).run()
     rebuilds = [m for m in messages if m.startswith("target recall not reached")]
     assert rebuilds == ["target recall not reached; rebuilding as IVF64,PQ8x8",
                         "target recall not reached; rebuilding as Flat"]
@@ -298,7 +301,7 @@ def test_loading_where_nothing_was_saved_gives_none(tmp_path):
 
 def test_a_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     store, ids = make_store(tmp_path, PHOTOS.images(500, seed=9))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     index.save(tmp_path / "index")
     index.remove(ids[:100])
     real_write = durable.write_atomically
@@ -332,7 +335,7 @@ def test_save_failure_through_sync_says_what_to_do(tmp_path, monkeypatch):
 
 def saved_index(tmp_path: Path) -> tuple[Path, Path, VectorStore]:
     store, ids = make_store(tmp_path, PHOTOS.images(300, seed=11))
-    VectorIndex.build(store, ids).save(tmp_path / "index")
+    BuildJob(store, ids).run().save(tmp_path / "index")
     (faiss_file,) = (tmp_path / "index").glob("*.faiss")
     return tmp_path / "index", faiss_file, store
 
@@ -384,7 +387,7 @@ def test_added_vectors_are_found_and_removed_ones_never_come_back(tmp_path):
 
 def test_adding_an_id_again_replaces_its_vector(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1000, seed=14))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     replacement = PHOTOS.images(1, seed=15)
     store.write(np.array([7]), replacement)
     index.add(np.array([7]))
@@ -395,7 +398,7 @@ def test_adding_an_id_again_replaces_its_vector(tmp_path):
 
 def test_sync_index_follows_the_committed_ids(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1200, seed=16))
-    index = VectorIndex.build(store, ids[:1000])
+    index = BuildJob(store, ids[:1000]).run()
     committed = np.concatenate([ids[100:1000], ids[1000:]])  # 100 deleted, 200 added
     assert sync_index(index, committed) is True
     np.testing.assert_array_equal(index.ids(), committed)
@@ -404,7 +407,7 @@ def test_sync_index_follows_the_committed_ids(tmp_path):
 
 def test_a_flat_index_asks_for_ivfpq_once_the_collection_outgrows_it(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1000, seed=17))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     flat_limit = FLAT_MAX_BYTES // (DIM * 4)
     assert index.params.kind == "flat"
     assert not index.needs_rebuild(flat_limit)
@@ -420,7 +423,7 @@ def test_an_ivfpq_index_asks_for_retraining_after_growing_several_fold(photos, i
 
 def test_an_index_that_escalated_to_flat_is_retried_after_growing_several_fold(tmp_path):
     store, ids = make_store(tmp_path, unit_rows(np.random.default_rng(6).standard_normal((4000, DIM))))
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64))
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64)).run()
     assert (index.params.kind, index.params.planned_kind) == ("flat", "ivfpq")
     assert not index.needs_rebuild(REBUILD_GROWTH * 4000 - 1, policy=SMALL_FLAT)
     assert index.needs_rebuild(REBUILD_GROWTH * 4000, policy=SMALL_FLAT)
@@ -589,11 +592,11 @@ def test_unsorted_filters_give_the_same_answer(photos, ivfpq):
 # ------------------------------------------------------------------------------------------- overrides
 
 
-def test_set_params_overrides_the_tuned_values_and_is_saved(tmp_path):
+def test_overridden_parameters_replace_the_tuned_values_and_are_saved(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(5000, seed=29))
     index = build_ivfpq(store, ids, nlist=64)
     tuned, image = index.params.query["text"], index.params.query["image"]
-    index.set_params("text", nprobe=64, rerank=32)
+    index.params.override("text", nprobe=64, rerank=32)
     changed = index.params.query["text"]
     assert (changed.nprobe, changed.rerank, changed.source) == (64, 32, "set by caller")
     assert changed.recall_at_10 is None and index.params.query["image"] == image
@@ -607,10 +610,10 @@ def test_set_params_overrides_the_tuned_values_and_is_saved(tmp_path):
     assert tuned.nprobe < 64
 
 
-def test_set_params_can_set_the_filtered_search_alone(photos, ivfpq):
+def test_an_override_can_set_the_filtered_search_alone(photos, ivfpq):
     saved = ivfpq.params.query["image"]
     try:
-        ivfpq.set_params("image", filtered_nprobe=3, filtered_rerank=5)
+        ivfpq.params.override("image", filtered_nprobe=3, filtered_rerank=5)
         changed = ivfpq.params.query["image"]
         assert (changed.nprobe, changed.rerank) == (saved.nprobe, saved.rerank)
         assert changed.filtered == [FilterBand(1.0, 3, 5)]
@@ -631,7 +634,7 @@ def test_search_arguments_override_the_stored_parameters(photos, ivfpq):
 
 def test_combined_queries_take_the_more_thorough_setting_of_each_kind(ivfpq):
     image, text = ivfpq.params.query["image"], ivfpq.params.query["text"]
-    combined = ivfpq._query_params("combined", None, None)
+    combined = ivfpq.params.for_query("combined")
     assert combined.nprobe == max(image.nprobe, text.nprobe)
     assert combined.rerank == max(image.rerank, text.rerank)
     for band in image.filtered:
@@ -644,7 +647,7 @@ def test_unknown_query_kinds_are_refused(photos, ivfpq):
     with pytest.raises(ValueError, match="unknown query kind"):
         ivfpq.search(PHOTOS.images(1, seed=32), K, kind="audio")
     with pytest.raises(ValueError, match="unknown query kind"):
-        ivfpq.set_params("combined", nprobe=2)
+        ivfpq.params.override("combined", nprobe=2)
 
 
 def test_parameters_written_by_an_older_version_still_load():

@@ -17,12 +17,12 @@ import pytest
 from test_index import add_photos, make_library
 
 import clipsearch.index as index_module
-from clipsearch import ondisk
 from clipsearch.errors import IndexFileError, SettingError
 from clipsearch.index import (
     LIST_SLACK,
     PARAMS_FILE,
     TARGET_RECALL,
+    BuildJob,
     IndexPolicy,
     VectorIndex,
     choose_index,
@@ -34,8 +34,9 @@ from clipsearch.index import (
     recall_at,
     text_like_queries,
 )
+from clipsearch.index import build as build_module
+from clipsearch.index.budget import MEMORY_ENV, default_memory_budget, machine_memory, parse_size, resolve_memory_budget
 from clipsearch.library import Library
-from clipsearch.memory import MEMORY_ENV, default_memory_budget, machine_memory, parse_size, resolve_memory_budget
 from clipsearch.sync import refresh_index
 from clipsearch.vectors import VectorStore
 
@@ -77,8 +78,8 @@ def make_store(folder: Path, vectors: np.ndarray) -> tuple[VectorStore, np.ndarr
 def build(store: VectorStore, ids: np.ndarray, folder: Path | None = None, budget: int | None = BUDGET,
           **options: object) -> VectorIndex:
     plan = ivfpq_plan(len(ids), DIM)
-    return VectorIndex.build(store, ids, text_queries=texts(390, seed=99), plan=plan,  # type: ignore[arg-type]
-                             memory_budget_bytes=budget, folder=folder, **options)
+    return BuildJob(store, ids, text_queries=texts(390, seed=99), plan=plan,  # type: ignore[arg-type]
+                    memory_budget_bytes=budget, folder=folder, **options).run()
 
 
 def same_answers(a: VectorIndex, b: VectorIndex, allowed: np.ndarray | None = None) -> bool:
@@ -201,7 +202,7 @@ def test_the_on_disk_index_reaches_its_target_recall_against_brute_force(tmp_pat
 def test_without_a_folder_the_lists_live_in_a_private_folder_until_saved(tmp_path, data, in_ram):
     store, ids = data
     index = build(store, ids, folder=None)
-    private = index._disk.ivfdata.parent  # type: ignore[union-attr]
+    private = index.disk.ivfdata.parent  # type: ignore[union-attr]
     index.save(tmp_path / "index")
     assert not private.exists(), "saving copied the lists next to the index and let the private copy go"
     assert same_answers(VectorIndex.load(tmp_path / "index", store), in_ram)  # type: ignore[arg-type]
@@ -395,13 +396,13 @@ def test_a_failure_in_the_middle_of_a_build_leaves_the_saved_index_in_use(tmp_pa
     refresh_index(library, caption_encoder, memory_budget_bytes=BUDGET)
     before = files_in(library.index_dir)
     add_photos(library, photos(300, seed=2))
-    real_write_shards = ondisk.write_shards
+    real_write_shards = build_module.write_shards
 
     def disk_unplugged(*args: object, **kwargs: object) -> list[Path]:
         real_write_shards(*args, **kwargs)  # type: ignore[arg-type]
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(ondisk, "write_shards", disk_unplugged)
+    monkeypatch.setattr(build_module, "write_shards", disk_unplugged)
     with pytest.raises(OSError):
         refresh_index(library, caption_encoder, rebuild=True, memory_budget_bytes=BUDGET)
     assert files_in(library.index_dir) == before, "no shard, scratch folder or half-built lists file is left"
