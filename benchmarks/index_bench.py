@@ -3,7 +3,7 @@
     python benchmarks/index_bench.py --n 1000000 --dim 512 --queries 1000 --out benchmarks/results/index_1e6.json
     python benchmarks/index_bench.py --n 1000000 --dim 512 --memory-budget-mb 256 --out ...  # bounded build
 
-The index is built through `clipsearch.index.VectorIndex.build` exactly as the library builds it (vectors in a
+The index is built through `clipsearch.index.BuildJob` exactly as the library builds it (vectors in a
 temporary `VectorStore`, ids 1..N); ground truth comes from an exhaustive `faiss.IndexFlatIP`.
 
 Generated data (when --vectors is not given), seedable with --seed:
@@ -18,7 +18,7 @@ Generated data (when --vectors is not given), seedable with --seed:
   ``g`` one shared offset direction (the modality gap), ``x`` a fresh image-like point and ``u`` a random unit
   direction; the true top-10 then sits at cosine ~0.3, like CLIP text queries. A separate draw of 390 such
   queries (the size of the built-in caption list) plays the role of the caption embeddings that the library
-  passes to `VectorIndex.build` for tuning; the evaluated text queries are never seen by the tuning.
+  passes to `BuildJob` for tuning; the evaluated text queries are never seen by the tuning.
 
 --vectors FILE.npy (float32 N x dim unit rows) replaces the generated vectors: the last --queries rows become
 the image-like queries and the rest the library. --text-queries FILE.npy (float32 unit rows from outside the
@@ -35,7 +35,7 @@ recall@10 against the exact answer.
 
 Memory (--memory-budget-mb, in MiB; default: the library's default budget, half the machine's memory): the
 build gets that budget and goes on disk, in shards, when the index does not fit it (`on_disk`, `ivfdata_bytes`,
-the lists file written to the run's temporary folder). While `VectorIndex.build` runs, a background thread reads
+the lists file written to the run's temporary folder). While `BuildJob.run` runs, a background thread reads
 /proc/self/status every 10 ms: `peak_anon_mb` is the largest RssAnon seen (the memory the build allocated; the
 memory-mapped vectors, training sample and lists are file-backed pages the kernel can drop), `peak_rss_mb` the
 kernel's own high-water mark VmHWM, reset just before the build (it also counts those file pages while they are
@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipsearch.index import VectorIndex, text_like_queries  # noqa: E402
+from clipsearch.index import BuildJob, VectorIndex, text_like_queries  # noqa: E402
 from clipsearch.vectors import VectorStore  # noqa: E402
 
 K = 10
@@ -174,9 +174,9 @@ def latency_fields(latency: np.ndarray, suffix: str = "") -> dict[str, float]:
             f"p99_ms{suffix}": round(float(np.percentile(latency, 99)), 3)}
 
 
-def measure_kind(index: VectorIndex, store: VectorStore, flat: object, queries: np.ndarray, kind: str) -> dict:
+def measure_kind(index: VectorIndex, flat: object, queries: np.ndarray, kind: str) -> dict:
     truth = exact_top_k(flat, queries)
-    found, latency = timed_single_queries(lambda q: index.search(q, K, store, kind=kind), queries)
+    found, latency = timed_single_queries(lambda q: index.search(q, K, kind=kind), queries)
     suffix = "" if kind == "image" else "_text"
     return {f"recall_at_10{suffix}": round(recall(found, truth), 4), **latency_fields(latency, suffix)}
 
@@ -225,14 +225,13 @@ def measure_subset(index: VectorIndex, store: VectorStore, queries: np.ndarray, 
     order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1)
     truth = allowed[np.take_along_axis(best, order, axis=1)]
     found, latency = timed_single_queries(
-        lambda q: index.search(q, K, store, kind=kind, allowed_ids=allowed), queries)
+        lambda q: index.search(q, K, kind=kind, allowed_ids=allowed), queries)
     short = int(np.sum((found >= 0).sum(axis=1) < min(K, len(allowed))))
     return {"recall_at_10": round(recall(found, truth), 4), **latency_fields(latency),
             "results_short": short, "_latency": latency}
 
 
-def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.ndarray, n: int,
-                         seed: int) -> list[dict]:
+def measure_switch_point(index: VectorIndex, queries: np.ndarray, n: int, seed: int) -> list[dict]:
     """Latency of exact subset scoring vs the FAISS id-selector path for several subset sizes."""
     rng = np.random.default_rng(seed + 11)
     saved, rows = index.params.exact_subset_max, []
@@ -243,7 +242,7 @@ def measure_switch_point(index: VectorIndex, store: VectorStore, queries: np.nda
         for path, limit in (("exact", n + 1), ("selector", 0)):
             index.params.exact_subset_max = limit
             found[path], latency = timed_single_queries(
-                lambda q, a=allowed: index.search(q, K, store, allowed_ids=a), queries[:SWITCH_QUERIES])
+                lambda q, a=allowed: index.search(q, K, allowed_ids=a), queries[:SWITCH_QUERIES])
             row[f"{path}_ms"] = round(float(np.median(latency)), 3)
         row["selector_recall_at_10"] = round(recall(found["selector"], found["exact"]), 4)
         rows.append(row)
@@ -330,9 +329,9 @@ def run(args: argparse.Namespace) -> dict:
         budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
         start = time.perf_counter()
         with MemorySampler() as memory:
-            index = VectorIndex.build(store, ids, text_queries=queries["captions"], seed=args.seed,
-                                      progress=lambda message: print(message, file=sys.stderr, flush=True),
-                                      memory_budget_bytes=budget, folder=Path(folder) / "index")
+            index = BuildJob(store, ids, text_queries=queries["captions"], seed=args.seed,
+                             progress=lambda message: print(message, file=sys.stderr, flush=True),
+                             memory_budget_bytes=budget, folder=Path(folder) / "index").run()
         result = {"n": args.n, "dim": args.dim, "queries": args.queries, "seed": args.seed,
                   "index": index.params.factory, "build_s": round(time.perf_counter() - start, 1),
                   "memory_budget_mb": args.memory_budget_mb, **memory.fields(),
@@ -347,17 +346,17 @@ def measure_all(index: VectorIndex, store: VectorStore, queries: dict[str, np.nd
                 args: argparse.Namespace) -> dict:
     print("measuring", file=sys.stderr, flush=True)
     flat = flat_ground_truth(store, args.n)
-    result = measure_kind(index, store, flat, queries["image"], "image")
+    result = measure_kind(index, flat, queries["image"], "image")
     start = time.perf_counter()
-    index.search(queries["image"], K, store, kind="image")
+    index.search(queries["image"], K, kind="image")
     result["qps_batch"] = round(len(queries["image"]) / (time.perf_counter() - start), 1)
     result["bytes_per_vector"] = round((index.serialized_bytes() + index.ivfdata_bytes()) / args.n, 1)
     result.update(measure_flat_baseline(flat, queries["image"][:200]))
-    result.update(measure_kind(index, store, flat, queries["text"], "text"))
+    result.update(measure_kind(index, flat, queries["text"], "text"))
     del flat  # free the 4 bytes x dim x N ground-truth copy before the filtered runs
     result.update(measure_filtered(index, store, queries, args.n, args.seed))
     if index.params.kind != "flat" and not args.no_switch:
-        result["switch_point"] = measure_switch_point(index, store, queries["image"], args.n, args.seed)
+        result["switch_point"] = measure_switch_point(index, queries["image"], args.n, args.seed)
     result["params"] = index.describe()
     result["machine"] = {"cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version()}
     return result

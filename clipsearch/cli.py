@@ -81,12 +81,12 @@ def cli(ctx: click.Context, library: Path | None, model: str | None, pretrained:
 
 
 class MemorySize(click.ParamType):
-    """A size such as 512MB, 2GiB or a number of bytes (`clipsearch.memory.parse_size`)."""
+    """A size such as 512MB, 2GiB or a number of bytes (`clipsearch.index.budget.parse_size`)."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from clipsearch.memory import parse_size
+        from clipsearch.index.budget import parse_size
 
         if isinstance(value, int):
             return value

@@ -82,11 +82,10 @@ def repair(library: Library, text_encoder: Callable[[list[str]], np.ndarray] | N
 
 
 def _check_sqlite(library: Library) -> list[Problem]:
-    with library.store.engine.connect() as conn:
-        verdict = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
-    if verdict == "ok":
+    damage = library.store.integrity_problem()
+    if damage is None:
         return []
-    return [Problem("sqlite", f"SQLite reports damage in library.db: {verdict}.")]
+    return [Problem("sqlite", f"SQLite reports damage in library.db: {damage}.")]
 
 
 def _check_model(library: Library) -> list[Problem]:
@@ -114,8 +113,10 @@ def _check_index(library: Library) -> list[Problem]:
     from clipsearch.index import VectorIndex
 
     ids = library.store.all_ids()
+    if library.dim() is None:  # no vectors to check an index against; `_check_model` reports such a library
+        return []
     try:
-        index = VectorIndex.load(library.index_dir)
+        index = VectorIndex.load(library.index_dir, library.vectors())
     except IndexFileError as exc:
         return [Problem("index", f"The index file cannot be read ({exc}); --repair rebuilds it from vectors.")]
     if index is None:
@@ -140,8 +141,7 @@ def _compare_index(index: Any, library: Library, ids: np.ndarray) -> list[Proble
 def _sample_self_search(index: Any, library: Library, ids: np.ndarray) -> list[Problem]:
     """Each sampled image, searched by its own stored vector, must come back with a score of 1."""
     sample = np.random.default_rng(0).choice(ids, size=min(SAMPLE, len(ids)), replace=False)
-    vectors = library.vectors()
-    scores, found = index.search(vectors.get(sample), 1, vectors, kind="image")
+    scores, found = index.search(library.vectors().get(sample), 1, kind="image")
     lost = sample[(scores[:, 0] < 0.999) | (found[:, 0] < 0)]
     if len(lost) == 0:
         return []

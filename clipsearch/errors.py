@@ -5,7 +5,8 @@ Every message is one sentence a person can act on; the CLI and the UI print it a
     ClipsearchError
     ├── LibraryError          the library folder is missing, locked, corrupt or from another model
     │   ├── ModelMismatchError
-    │   └── LibraryLockedError
+    │   ├── LibraryLockedError
+    │   └── StoreWriteError   SQLite could not finish a write (a full disk, an I/O error)
     ├── ModelError            the model spec is unknown or its weights cannot be found
     │   └── BackendError      an inference backend is missing, fails, or is not faithful to the model
     ├── QueryError            a query is empty, malformed, or names an image that cannot be read
@@ -31,6 +32,14 @@ class ModelMismatchError(LibraryError):
 
 class LibraryLockedError(LibraryError):
     """Another process is writing to the library."""
+
+
+class StoreWriteError(LibraryError):
+    """SQLite could not finish a write; the transaction was rolled back. `reason` is SQLite's own words."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelError(ClipsearchError):

@@ -17,11 +17,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlalchemy.exc
 
-from clipsearch.errors import LibraryError, LibraryLockedError, ModelMismatchError
+from clipsearch.errors import LibraryError, LibraryLockedError, ModelMismatchError, StoreWriteError
 from clipsearch.model import ModelSpec
 from clipsearch.store import SCHEMA_VERSION, Store
 from clipsearch.vectors import VectorStore
@@ -144,6 +145,32 @@ class Library:
         if self._vectors is None:
             self._vectors = VectorStore(self.vectors_path, dim)
         return self._vectors
+
+    # --- writing -----------------------------------------------------------------------------------------
+
+    def write_batch(self, records: list[dict[str, Any]], vectors: np.ndarray | None,
+                    failures: list[dict[str, Any]]) -> list[int]:
+        """Commit one batch: image rows with their vectors (a row each, in order), and files that failed.
+
+        The write order that survives a kill at any instant: the vectors are written and fsynced first, then the
+        rows pointing at them are committed in one transaction. A kill loses nothing committed and leaves at
+        worst vector rows nothing points at, which later writes reuse. Returns the ids given to `records`.
+        """
+        store = self.store
+        try:
+            with store.transaction() as conn:
+                ids = store.reserve_ids(len(records), conn)
+                if records and vectors is not None:
+                    self.vectors().write(np.asarray(ids), vectors)
+                    store.insert_images([{**r, "id": i} for r, i in zip(records, ids, strict=True)], conn)
+                store.record_errors(failures, conn)
+        except (OSError, StoreWriteError) as exc:
+            reason = exc.reason if isinstance(exc, StoreWriteError) else exc.strerror or str(exc)
+            raise LibraryError(
+                f"Could not write to the library at {self.path} ({reason}); nothing committed was lost, "
+                "free some disk space and run the same command again."
+            ) from exc
+        return ids
 
     # --- the writer lock ----------------------------------------------------------------------------------
 

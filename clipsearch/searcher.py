@@ -246,7 +246,7 @@ class Searcher:
                  min_score: float | None) -> tuple[list[tuple[int, float]], bool]:
         """(id, score) of the ``n`` nearest, best first, and whether there are no more to find."""
         queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        scores, ids = index.search(queries, n, self.library.vectors(), kind=kind, allowed_ids=allowed)
+        scores, ids = index.search(queries, n, kind=kind, allowed_ids=allowed)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         exhausted = len(found) < n
         if min_score is not None:

@@ -2,7 +2,9 @@
 
 SQLite is the source of truth: a row in ``images`` exists only once its vector is on disk (see ``vectors.py``),
 and its primary key is both its vector row and its FAISS id. The database runs in WAL mode so searches read a
-consistent snapshot while one writer indexes.
+consistent snapshot while one writer indexes. SQLAlchemy's errors stay in here too: a write SQLite cannot finish
+(a full disk, an I/O error) leaves `transaction` as a `StoreWriteError`, and the doctor asks
+`integrity_problem` rather than running SQL of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from clipsearch.errors import StoreWriteError
 from clipsearch.photo import field_columns
 
 metadata = sa.MetaData()
@@ -134,8 +137,25 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        """One transaction: committed when the block ends, rolled back when it raises. A write SQLite cannot
+        finish (a full disk, an I/O error, a lock held past the timeout) is raised as `StoreWriteError`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            reason = str(exc.orig)
+            raise StoreWriteError(f"SQLite could not write to {self.path} ({reason}).", reason) from exc
+
+    def integrity_problem(self) -> str | None:
+        """What SQLite's own integrity check finds wrong with the database file, or None when it finds nothing.
+
+        A file damaged badly enough makes the check itself fail; what SQLite then says is the finding."""
+        try:
+            with self.engine.connect() as conn:
+                verdict = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
+        except sa.exc.DatabaseError as exc:
+            return str(exc.orig)
+        return None if verdict == "ok" else str(verdict)
 
     # --- schema -------------------------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ adds what is missing (from the stored vectors, never re-encoding) and removes wh
 this in memory; the writer also saves the result (atomically) so the next reader starts in step.
 
 The writer's builds follow a memory budget (`memory_budget_bytes`, else ``$CLIPSEARCH_INDEX_MEMORY``, else half
-the machine's memory: `clipsearch.memory`); an index that does not fit is built on disk, in shards, beside the
-saved one in the library's index folder (`clipsearch.index`, "The memory budget").
+the machine's memory: `clipsearch.index.budget`); an index that does not fit is built on disk, in shards, beside
+the saved one in the library's index folder (`clipsearch.index.build`; docs/index.md, "The memory budget").
 """
 
 from __future__ import annotations
@@ -16,9 +16,17 @@ from collections.abc import Callable
 import numpy as np
 
 from clipsearch.errors import IndexFileError, ModelError
-from clipsearch.index import VectorIndex, builtin_captions, choose_index, flat_plan
+from clipsearch.index import (
+    DEFAULT_POLICY,
+    BuildJob,
+    IndexPolicy,
+    VectorIndex,
+    builtin_captions,
+    choose_index,
+    flat_plan,
+    resolve_memory_budget,
+)
 from clipsearch.library import Library
-from clipsearch.memory import resolve_memory_budget
 from clipsearch.vectors import VectorStore
 
 Progress = Callable[[str], None]
@@ -40,7 +48,7 @@ def load_synced_index(library: Library, previous: VectorIndex | None, reload: bo
     index = previous if previous is not None and not reload else _load_or_none(library)
     if index is None:
         return _interim_index(library.vectors(), ids)
-    sync_index(index, library.vectors(), ids)
+    sync_index(index, ids)
     return index
 
 
@@ -50,10 +58,10 @@ def _interim_index(vectors: VectorStore, ids: np.ndarray) -> VectorIndex:
     keep the first query waiting for minutes at 10^6 photos. The writer saves the tuned index at the end of its
     run, and the reader's next query picks it up. Past the memory budget the reader builds as the writer would."""
     fits = len(ids) * vectors.dim * 4 <= resolve_memory_budget()
-    return VectorIndex.build(vectors, ids, plan=flat_plan() if fits else None)
+    return BuildJob(vectors, ids, plan=flat_plan() if fits else None).run()
 
 
-def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> bool:
+def sync_index(index: VectorIndex, ids: np.ndarray) -> bool:
     """Add committed ids the index lacks, remove ids no longer committed; True when anything changed."""
     present = index.ids()
     missing = np.setdiff1d(ids, present, assume_unique=True)
@@ -61,7 +69,7 @@ def sync_index(index: VectorIndex, vectors: VectorStore, ids: np.ndarray) -> boo
     if len(extra):
         index.remove(extra)
     if len(missing):
-        index.add(vectors, missing)
+        index.add(missing)
     return bool(len(missing) or len(extra))
 
 
@@ -72,6 +80,7 @@ def refresh_index(
     rebuild: bool = False,
     progress: Progress | None = None,
     memory_budget_bytes: int | None = None,
+    policy: IndexPolicy = DEFAULT_POLICY,
 ) -> VectorIndex | None:
     """Writer side: bring the saved index in step with SQLite, rebuilding it when the library outgrew it or
     it would no longer fit the memory budget (`memory_budget_bytes`, default as in `resolve_memory_budget`)."""
@@ -80,11 +89,11 @@ def refresh_index(
     index = None if rebuild else _load_or_none(library)
     if len(ids) == 0 and index is None:
         return None
-    if index is None or index.needs_rebuild(len(ids), budget):
-        index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget)
+    if index is None or index.needs_rebuild(len(ids), budget, policy):
+        index = build_index(library, ids, text_encoder, progress, memory_budget_bytes=budget, policy=policy)
     else:
         index.limit_memory(budget)
-        if not sync_index(index, library.vectors(), ids):
+        if not sync_index(index, ids):
             return index
     save_index(library, index)
     return index
@@ -108,6 +117,7 @@ def build_index(
     progress: Progress | None = None,
     *,
     memory_budget_bytes: int | None = None,
+    policy: IndexPolicy = DEFAULT_POLICY,
 ) -> VectorIndex:
     """Build a fresh index from the stored vectors, with text-like tuning queries when the index is approximate.
 
@@ -116,12 +126,12 @@ def build_index(
     """
     vectors = library.vectors()
     budget = resolve_memory_budget(memory_budget_bytes)
-    plan = choose_index(len(ids), vectors.dim, budget)
+    plan = choose_index(len(ids), vectors.dim, budget, policy)
     text_queries = None
     if plan.kind != "flat" and text_encoder is not None:
         text_queries = _caption_embeddings(text_encoder, progress)
-    return VectorIndex.build(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
-                             memory_budget_bytes=budget, folder=library.index_dir)
+    return BuildJob(vectors, ids, text_queries=text_queries, plan=plan, progress=progress,
+                    memory_budget_bytes=budget, folder=library.index_dir, policy=policy).run()
 
 
 def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],
@@ -138,7 +148,9 @@ def _caption_embeddings(text_encoder: Callable[[list[str]], np.ndarray],
 
 def _load_or_none(library: Library) -> VectorIndex | None:
     """The saved index, or None when there is none or it cannot be read (it is rebuilt from vectors)."""
+    if library.dim() is None:  # nothing was ever encoded, so no index can have been built
+        return None
     try:
-        return VectorIndex.load(library.index_dir)
+        return VectorIndex.load(library.index_dir, library.vectors())
     except IndexFileError:
         return None

@@ -8,11 +8,12 @@ kill leaves at worst some rows that nothing points at, which the next write over
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from clipsearch import durable
 
 DTYPE = np.dtype("<f4")
 
@@ -45,8 +46,7 @@ class VectorStore:
             for start, stop in _consecutive_runs(ids):
                 f.seek(int(ids[start]) * self.row_bytes)
                 f.write(vectors[start:stop].tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+            durable.flush_to_disk(f)
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` as a new (len(ids), dim) float32 array."""

@@ -6,9 +6,9 @@
 The decode pool runs ahead of the encoder by a bounded window of files, so the encoder finds its next batch
 ready and memory stays bounded however large the library. How many decoders of which kind, and how the cores
 are shared with the encoder, is `decode_plan`'s choice, measured in `benchmarks/README.md`. Each batch is
-written in the order that survives a kill at any instant: vectors appended and fsynced, then the SQLite rows
-that point at them committed in one transaction. The FAISS index is brought in step at the end (it is a cache
-of the stored vectors).
+committed by `Library.write_batch`, in the order that survives a kill at any instant: vectors written and
+fsynced, then the SQLite rows that point at them in one transaction. The FAISS index is brought in step at the
+end (it is a cache of the stored vectors).
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import sqlalchemy.exc
 from clipsearch.indexer.crawl import CrawlProblem, FoundFile, crawl
 from clipsearch.indexer.plan import Plan, make_plan
 from clipsearch.indexer.workers import DecodedItem, PoolKind, decode_stream
 
-from clipsearch.errors import LibraryError
+from clipsearch.index import resolve_memory_budget
 from clipsearch.library import Library
-from clipsearch.memory import resolve_memory_budget
 from clipsearch.model import ModelSpec, PendingVectors
 
 if TYPE_CHECKING:
@@ -365,7 +363,7 @@ def _commit_batch(library: Library, batch: list[DecodedItem], vectors: np.ndarra
     failures = [{"path": i.path, "reason": i.reason, "size": i.size, "mtime_ns": i.mtime_ns} for i in batch
                 if i.record is None]
     report.encode_seconds += encode_seconds
-    write_batch(library, records, vectors if records else None, failures)
+    library.write_batch(records, vectors if records else None, failures)
     report.encoded += len(records)
     report.decoded += len(batch)
     report.decode_seconds += sum(i.decode_seconds for i in batch)
@@ -400,33 +398,6 @@ def _batches(items: Iterator[DecodedItem], size: int) -> Iterator[list[DecodedIt
             batch = []
     if batch:
         yield batch
-
-
-def write_batch(
-    library: Library, records: list[dict[str, Any]], vectors: np.ndarray | None, failures: list[dict[str, Any]]
-) -> list[int]:
-    """Vectors first (fsynced), then the rows pointing at them, in one transaction: a kill loses nothing
-    committed and leaves at worst unreferenced vector rows, which later writes reuse."""
-    store = library.store
-    try:
-        with store.transaction() as conn:
-            ids = store.reserve_ids(len(records), conn)
-            if records and vectors is not None:
-                library.vectors().write(np.asarray(ids), vectors)
-                store.insert_images([{**r, "id": i} for r, i in zip(records, ids, strict=True)], conn)
-            store.record_errors(failures, conn)
-    except (OSError, sqlalchemy.exc.OperationalError) as exc:
-        raise LibraryError(
-            f"Could not write to the library at {library.path} ({_reason(exc)}); nothing committed was lost, "
-            "free some disk space and run the same command again."
-        ) from exc
-    return ids
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(getattr(exc, "orig", exc))
 
 
 def _refresh_index(library: Library, clip: TextsToVectors | None, report: IndexReport, notify: Progress,

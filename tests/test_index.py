@@ -15,16 +15,20 @@ import numpy as np
 import pytest
 
 import clipsearch.index as index_module
+from clipsearch import durable
 from clipsearch.errors import IndexFileError, ModelError
 from clipsearch.index import (
     FLAT_MAX_BYTES,
     PARAMS_FILE,
     REBUILD_GROWTH,
     TARGET_RECALL,
+    BuildJob,
     FilterBand,
     IndexParams,
+    IndexPolicy,
     QueryParams,
     VectorIndex,
+    builtin_captions,
     choose_index,
     escalate,
     exact_search,
@@ -35,6 +39,7 @@ from clipsearch.index import (
     recall_at,
     text_like_queries,
 )
+from clipsearch.index.tuning import search_cost
 from clipsearch.library import Library
 from clipsearch.model import ModelSpec
 from clipsearch.sync import build_index, refresh_index, save_index, sync_index
@@ -83,6 +88,9 @@ class Photos:
 
 
 PHOTOS = Photos()
+SMALL_FLAT = IndexPolicy(flat_max_bytes=1000 * DIM * 4)  # so that a few thousand photos call for IVF-PQ
+# A random gap direction is far from this data's gap, so synthetic text queries only get a modest target.
+MODEST_TEXT_TARGET = IndexPolicy(target_recall={**TARGET_RECALL, "text": 0.5})
 
 
 def make_store(folder: Path, vectors: np.ndarray, first_id: int = 1) -> tuple[VectorStore, np.ndarray]:
@@ -98,7 +106,7 @@ def true_top_k(queries: np.ndarray, store: VectorStore, ids: np.ndarray, k: int 
 
 def build_ivfpq(store: VectorStore, ids: np.ndarray, nlist: int = NLIST, **options: object) -> VectorIndex:
     plan = ivfpq_plan(len(ids), store.dim, nlist=nlist)
-    return VectorIndex.build(store, ids, text_queries=PHOTOS.texts(390, seed=99), plan=plan, **options)  # type: ignore[arg-type]
+    return BuildJob(store, ids, text_queries=PHOTOS.texts(390, seed=99), plan=plan, **options).run()  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,7 @@ def ivfpq(photos: tuple[VectorStore, np.ndarray]) -> VectorIndex:
 @pytest.fixture(scope="module")
 def flat(photos: tuple[VectorStore, np.ndarray]) -> VectorIndex:
     store, ids = photos
-    return VectorIndex.build(store, ids, plan=flat_plan())
+    return BuildJob(store, ids, plan=flat_plan()).run()
 
 
 # -------------------------------------------------------------------------------------- choosing the index
@@ -190,7 +198,7 @@ def test_escalation_goes_to_bigger_codes_then_flat():
 def test_reranked_scores_are_exact_cosines(photos, ivfpq):
     store, _ = photos
     queries = PHOTOS.images(50, seed=1)
-    scores, ids = ivfpq.search(queries, K, store)
+    scores, ids = ivfpq.search(queries, K)
     assert (ids > 0).all()
     exact = np.einsum("qd,qkd->qk", queries, store.get(ids.ravel()).reshape(*ids.shape, DIM))
     np.testing.assert_allclose(scores, exact, rtol=0, atol=1e-6)
@@ -201,7 +209,7 @@ def test_reranked_top_hits_match_brute_force(photos, ivfpq):
     store, ids = photos
     queries = PHOTOS.images(50, seed=2)
     true_scores, _ = exact_search(queries, K, store, ids)
-    scores, _ = ivfpq.search(queries, K, store)
+    scores, _ = ivfpq.search(queries, K)
     np.testing.assert_allclose(scores[:, 0], true_scores[:, 0], atol=1e-6)  # the best hit is never missed
 
 
@@ -221,7 +229,7 @@ def test_tuning_stores_parameters_whose_recall_reaches_the_target(photos, ivfpq,
 def test_tuned_parameters_hold_on_fresh_queries(photos, ivfpq, kind):
     store, ids = photos
     queries = PHOTOS.images(300, seed=3) if kind == "image" else PHOTOS.texts(300, seed=3)
-    _, found = ivfpq.search(queries, K, store, kind=kind)
+    _, found = ivfpq.search(queries, K, kind=kind)
     assert recall_at(found, true_top_k(queries, store, ids)) >= TARGET_RECALL[kind] - 0.02
 
 
@@ -229,7 +237,8 @@ def test_text_queries_get_their_own_more_thorough_parameters(ivfpq):
     image, text = ivfpq.params.query["image"], ivfpq.params.query["text"]
     assert (text.nprobe, text.rerank) != (image.nprobe, image.rerank)
     assert text.nprobe >= image.nprobe and text.rerank >= image.rerank
-    assert ivfpq._cost(text.nprobe, text.rerank) > ivfpq._cost(image.nprobe, image.rerank)
+    assert (search_cost(ivfpq.params, ivfpq.ntotal, text.nprobe, text.rerank)
+            > search_cost(ivfpq.params, ivfpq.ntotal, image.nprobe, image.rerank))
 
 
 def test_image_parameters_would_lose_text_results(photos, ivfpq):
@@ -237,7 +246,7 @@ def test_image_parameters_would_lose_text_results(photos, ivfpq):
     store, ids = photos
     image = ivfpq.params.query["image"]
     queries = PHOTOS.texts(300, seed=4)
-    _, found = ivfpq.search(queries, K, store, kind="text", nprobe=image.nprobe, rerank=image.rerank)
+    _, found = ivfpq.search(queries, K, kind="text", nprobe=image.nprobe, rerank=image.rerank)
     assert recall_at(found, true_top_k(queries, store, ids)) < TARGET_RECALL["text"]
 
 
@@ -247,11 +256,9 @@ def test_text_tuning_uses_the_given_caption_embeddings(ivfpq):
     assert ivfpq.params.query["image"].source.startswith("held-out library vectors")
 
 
-def test_text_tuning_without_a_text_encoder_synthesises_text_like_queries(tmp_path, monkeypatch):
-    # A random gap direction is far from this data's gap, so only the mechanism is checked: a modest target.
-    monkeypatch.setitem(TARGET_RECALL, "text", 0.5)
+def test_text_tuning_without_a_text_encoder_synthesises_text_like_queries(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(5000, seed=5))
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64))
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), policy=MODEST_TEXT_TARGET).run()
     text = index.params.query["text"]
     assert index.params.kind == "ivfpq"
     assert (text.source, text.queries) == ("synthetic text-like queries", 400)
@@ -263,13 +270,13 @@ def test_an_unreachable_target_escalates_to_bigger_codes_then_flat(tmp_path):
     vectors = unit_rows(np.random.default_rng(6).standard_normal((4000, DIM)))
     store, ids = make_store(tmp_path, vectors)
     messages: list[str] = []
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), progress=messages.append)
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64), progress=messages.append).run()
     rebuilds = [m for m in messages if m.startswith("target recall not reached")]
     assert rebuilds == ["target recall not reached; rebuilding as IVF64,PQ8x8",
                         "target recall not reached; rebuilding as Flat"]
     assert (index.params.kind, index.params.planned_kind) == ("flat", "ivfpq")
     queries = unit_rows(np.random.default_rng(7).standard_normal((20, DIM)))
-    np.testing.assert_array_equal(index.search(queries, K, store)[1], true_top_k(queries, store, ids))
+    np.testing.assert_array_equal(index.search(queries, K)[1], true_top_k(queries, store, ids))
 
 
 # ----------------------------------------------------------------------------------------- files on disk
@@ -278,37 +285,37 @@ def test_an_unreachable_target_escalates_to_bigger_codes_then_flat(tmp_path):
 def test_save_and_load_round_trip(tmp_path, photos, ivfpq):
     store, _ = photos
     ivfpq.save(tmp_path / "index")
-    loaded = VectorIndex.load(tmp_path / "index")
+    loaded = VectorIndex.load(tmp_path / "index", store)
     assert loaded is not None
     assert loaded.params.to_json() == ivfpq.params.to_json()
     np.testing.assert_array_equal(loaded.ids(), ivfpq.ids())
     queries = PHOTOS.texts(20, seed=8)
     for kind in ("image", "text"):
-        np.testing.assert_array_equal(loaded.search(queries, K, store, kind=kind)[1],
-                                      ivfpq.search(queries, K, store, kind=kind)[1])
+        np.testing.assert_array_equal(loaded.search(queries, K, kind=kind)[1],
+                                      ivfpq.search(queries, K, kind=kind)[1])
 
 
 def test_loading_where_nothing_was_saved_gives_none(tmp_path):
-    assert VectorIndex.load(tmp_path / "index") is None
+    assert VectorIndex.load(tmp_path / "index", VectorStore(tmp_path / "v.f32", DIM)) is None
 
 
 def test_a_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     store, ids = make_store(tmp_path, PHOTOS.images(500, seed=9))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     index.save(tmp_path / "index")
     index.remove(ids[:100])
-    real_write = index_module._write_atomically
+    real_write = durable.write_atomically
 
-    def disk_full_at_the_params(path: Path, data: bytes, temp: Path) -> None:
+    def disk_full_at_the_params(path: Path, data: bytes, temp: Path | None = None) -> None:
         if path.name == PARAMS_FILE:
             raise OSError(28, "No space left on device")
         real_write(path, data, temp)
 
-    monkeypatch.setattr(index_module, "_write_atomically", disk_full_at_the_params)
+    monkeypatch.setattr(durable, "write_atomically", disk_full_at_the_params)
     with pytest.raises(OSError):
         index.save(tmp_path / "index")
     monkeypatch.undo()
-    kept = VectorIndex.load(tmp_path / "index")
+    kept = VectorIndex.load(tmp_path / "index", store)
     assert kept is not None and len(kept.ids()) == 500
     assert len(list((tmp_path / "index").glob("*.faiss"))) == 1, "the half-written new file is cleaned up"
 
@@ -318,45 +325,45 @@ def test_save_failure_through_sync_says_what_to_do(tmp_path, monkeypatch):
     index = refresh_index(library)
     assert index is not None
 
-    def no_space(path: Path, data: bytes, temp: Path) -> None:
+    def no_space(path: Path, data: bytes, temp: Path | None = None) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_module, "_write_atomically", no_space)
+    monkeypatch.setattr(durable, "write_atomically", no_space)
     with pytest.raises(IndexFileError, match="previous index is still in place"):
         save_index(library, index)
 
 
-def saved_index(tmp_path: Path) -> tuple[Path, Path]:
+def saved_index(tmp_path: Path) -> tuple[Path, Path, VectorStore]:
     store, ids = make_store(tmp_path, PHOTOS.images(300, seed=11))
-    VectorIndex.build(store, ids).save(tmp_path / "index")
+    BuildJob(store, ids).run().save(tmp_path / "index")
     (faiss_file,) = (tmp_path / "index").glob("*.faiss")
-    return tmp_path / "index", faiss_file
+    return tmp_path / "index", faiss_file, store
 
 
 def test_a_damaged_index_file_raises_index_file_error(tmp_path):
-    folder, faiss_file = saved_index(tmp_path)
+    folder, faiss_file, store = saved_index(tmp_path)
     data = bytearray(faiss_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     faiss_file.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match="damaged"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 def test_a_truncated_or_missing_index_file_raises_index_file_error(tmp_path):
-    folder, faiss_file = saved_index(tmp_path)
+    folder, faiss_file, store = saved_index(tmp_path)
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
     with pytest.raises(IndexFileError, match="damaged"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
     faiss_file.unlink()
     with pytest.raises(IndexFileError, match="cannot be read"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 def test_unreadable_parameters_raise_index_file_error(tmp_path):
-    folder, _ = saved_index(tmp_path)
+    folder, _, store = saved_index(tmp_path)
     (folder / PARAMS_FILE).write_text("{not json")
     with pytest.raises(IndexFileError, match="parameters"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, store)
 
 
 # ------------------------------------------------------------------------------------ contents and growth
@@ -367,61 +374,59 @@ def test_added_vectors_are_found_and_removed_ones_never_come_back(tmp_path):
     index = build_ivfpq(store, ids, nlist=64)
     new_ids = np.arange(5001, 5101)
     store.write(new_ids, PHOTOS.images(100, seed=13))
-    index.add(store, new_ids)
+    index.add(new_ids)
     assert index.ntotal == 5100
-    _, found = index.search(store.get(new_ids), 1, store)
+    _, found = index.search(store.get(new_ids), 1)
     assert (found[:, 0] == new_ids).mean() >= 0.99
     gone = np.concatenate([ids[:50], new_ids[:50]])
     index.remove(gone)
     assert index.ntotal == 5000 and not np.isin(gone, index.ids()).any()
-    _, found = index.search(store.get(gone), K, store)
+    _, found = index.search(store.get(gone), K)
     assert not np.isin(found, gone).any()
 
 
 def test_adding_an_id_again_replaces_its_vector(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1000, seed=14))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     replacement = PHOTOS.images(1, seed=15)
     store.write(np.array([7]), replacement)
-    index.add(store, np.array([7]))
+    index.add(np.array([7]))
     assert index.ntotal == 1000
-    scores, found = index.search(replacement, 1, store)
+    scores, found = index.search(replacement, 1)
     assert found[0, 0] == 7 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sync_index_follows_the_committed_ids(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1200, seed=16))
-    index = VectorIndex.build(store, ids[:1000])
+    index = BuildJob(store, ids[:1000]).run()
     committed = np.concatenate([ids[100:1000], ids[1000:]])  # 100 deleted, 200 added
-    assert sync_index(index, store, committed) is True
+    assert sync_index(index, committed) is True
     np.testing.assert_array_equal(index.ids(), committed)
-    assert sync_index(index, store, committed) is False
+    assert sync_index(index, committed) is False
 
 
 def test_a_flat_index_asks_for_ivfpq_once_the_collection_outgrows_it(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(1000, seed=17))
-    index = VectorIndex.build(store, ids)
+    index = BuildJob(store, ids).run()
     flat_limit = FLAT_MAX_BYTES // (DIM * 4)
     assert index.params.kind == "flat"
     assert not index.needs_rebuild(flat_limit)
     assert index.needs_rebuild(flat_limit + 1)
 
 
-def test_an_ivfpq_index_asks_for_retraining_after_growing_several_fold(photos, ivfpq, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)  # so N photos call for IVF-PQ
+def test_an_ivfpq_index_asks_for_retraining_after_growing_several_fold(photos, ivfpq):
     assert ivfpq.params.trained_on == N
-    assert not ivfpq.needs_rebuild(N)
-    assert not ivfpq.needs_rebuild(REBUILD_GROWTH * N - 1)
-    assert ivfpq.needs_rebuild(REBUILD_GROWTH * N)
+    assert not ivfpq.needs_rebuild(N, policy=SMALL_FLAT)
+    assert not ivfpq.needs_rebuild(REBUILD_GROWTH * N - 1, policy=SMALL_FLAT)
+    assert ivfpq.needs_rebuild(REBUILD_GROWTH * N, policy=SMALL_FLAT)
 
 
-def test_an_index_that_escalated_to_flat_is_retried_after_growing_several_fold(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
+def test_an_index_that_escalated_to_flat_is_retried_after_growing_several_fold(tmp_path):
     store, ids = make_store(tmp_path, unit_rows(np.random.default_rng(6).standard_normal((4000, DIM))))
-    index = VectorIndex.build(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64))
+    index = BuildJob(store, ids, plan=ivfpq_plan(len(ids), DIM, nlist=64)).run()
     assert (index.params.kind, index.params.planned_kind) == ("flat", "ivfpq")
-    assert not index.needs_rebuild(REBUILD_GROWTH * 4000 - 1)
-    assert index.needs_rebuild(REBUILD_GROWTH * 4000)
+    assert not index.needs_rebuild(REBUILD_GROWTH * 4000 - 1, policy=SMALL_FLAT)
+    assert index.needs_rebuild(REBUILD_GROWTH * 4000, policy=SMALL_FLAT)
 
 
 def make_library(folder: Path, vectors: np.ndarray) -> Library:
@@ -446,30 +451,29 @@ def caption_encoder(captions: list[str]) -> np.ndarray:
     return PHOTOS.texts(len(captions), seed=len(captions))
 
 
-def test_the_library_index_grows_from_flat_to_ivfpq_and_is_retrained(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 4000 * DIM * 4)
-    monkeypatch.setattr(index_module, "REBUILD_GROWTH", 2)  # the real factor is tested above; this keeps N small
+def test_the_library_index_grows_from_flat_to_ivfpq_and_is_retrained(tmp_path):
+    # the real growth factor is tested above; 2 keeps N small here
+    policy = IndexPolicy(flat_max_bytes=4000 * DIM * 4, rebuild_growth=2)
     library = make_library(tmp_path / "lib", PHOTOS.images(3000, seed=18))
-    assert refresh_index(library, caption_encoder).params.kind == "flat"  # type: ignore[union-attr]
+    assert refresh_index(library, caption_encoder, policy=policy).params.kind == "flat"  # type: ignore[union-attr]
 
     add_photos(library, PHOTOS.images(5000, seed=19))  # 8,000: past the flat limit
-    grown = refresh_index(library, caption_encoder)
+    grown = refresh_index(library, caption_encoder, policy=policy)
     assert grown is not None and grown.params.kind == "ivfpq" and grown.params.trained_on == 8000
 
     add_photos(library, PHOTOS.images(1000, seed=20))  # 9,000: added to the trained index
-    kept = refresh_index(library, caption_encoder)
+    kept = refresh_index(library, caption_encoder, policy=policy)
     assert kept is not None and kept.params.trained_on == 8000 and kept.ntotal == 9000
 
     add_photos(library, PHOTOS.images(7000, seed=21))  # 16,000 = 2 x 8,000: retrained
-    retrained = refresh_index(library, caption_encoder)
+    retrained = refresh_index(library, caption_encoder, policy=policy)
     assert retrained is not None and retrained.params.trained_on == 16_000
-    saved = VectorIndex.load(library.index_dir)
+    saved = VectorIndex.load(library.index_dir, library.vectors())
     assert saved is not None and saved.params.trained_on == 16_000
     np.testing.assert_array_equal(saved.ids(), library.store.all_ids())
 
 
-def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
+def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(tmp_path):
     library = make_library(tmp_path / "lib", PHOTOS.images(8000, seed=22))
     asked: list[list[str]] = []
 
@@ -477,23 +481,23 @@ def test_library_builds_tune_text_queries_with_the_text_encoder_on_the_captions(
         asked.append(captions)
         return caption_encoder(captions)
 
-    index = build_index(library, library.store.all_ids(), text_encoder)
-    assert asked == [index_module.builtin_captions()] and len(asked[0]) >= 300
+    index = build_index(library, library.store.all_ids(), text_encoder, policy=SMALL_FLAT)
+    assert asked == [builtin_captions()] and len(asked[0]) >= 300
     assert index.params.kind == "ivfpq"
     assert (index.params.query["text"].source, index.params.query["text"].queries) == ("caption embeddings",
                                                                                         len(asked[0]))
 
 
-def test_a_rebuild_without_the_model_weights_tunes_on_synthetic_text_queries(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1000 * DIM * 4)
-    monkeypatch.setitem(TARGET_RECALL, "text", 0.5)  # synthetic queries here need not match this data's gap
+def test_a_rebuild_without_the_model_weights_tunes_on_synthetic_text_queries(tmp_path):
+    # synthetic queries here need not match this data's gap: a modest text target
+    policy = IndexPolicy(flat_max_bytes=SMALL_FLAT.flat_max_bytes, target_recall=MODEST_TEXT_TARGET.target_recall)
     library = make_library(tmp_path / "lib", PHOTOS.images(8000, seed=23))
     said: list[str] = []
 
     def weights_missing(captions: list[str]) -> np.ndarray:
         raise ModelError("The weights of model X could not be loaded.")
 
-    index = build_index(library, library.store.all_ids(), weights_missing, progress=said.append)
+    index = build_index(library, library.store.all_ids(), weights_missing, progress=said.append, policy=policy)
     assert index.params.query["text"].source == "synthetic text-like queries"
     assert any("could not be loaded" in line for line in said)
 
@@ -512,7 +516,7 @@ def assert_filtered_results_match_exact(index: VectorIndex, store: VectorStore, 
                                         kind: str, min_recall: float) -> None:
     queries = PHOTOS.images(200, seed=24) if kind == "image" else PHOTOS.texts(200, seed=24)
     true_scores, truth = exact_search(queries, K, store, allowed)
-    scores, found = index.search(queries, K, store, kind=kind, allowed_ids=allowed)
+    scores, found = index.search(queries, K, kind=kind, allowed_ids=allowed)
     assert ((found >= 0).sum(axis=1) == min(K, len(allowed))).all(), "never short when k photos pass"
     assert np.isin(found[found >= 0], allowed).all()
     if len(allowed):
@@ -558,7 +562,7 @@ def test_a_filter_keeping_one_photo_returns_exactly_that_photo(photos, ivfpq):
     store, _ = photos
     for limit in (ivfpq.params.exact_subset_max, 0):
         ivfpq.params.exact_subset_max = limit
-        scores, found = ivfpq.search(PHOTOS.texts(3, seed=25), K, store, kind="text", allowed_ids=np.array([4242]))
+        scores, found = ivfpq.search(PHOTOS.texts(3, seed=25), K, kind="text", allowed_ids=np.array([4242]))
         assert (found[:, 0] == 4242).all() and (found[:, 1:] == -1).all()
         assert np.isfinite(scores[:, 0]).all() and np.isneginf(scores[:, 1:]).all()
     ivfpq.params.exact_subset_max = index_module.EXACT_SUBSET_MAX_ROWS
@@ -566,14 +570,14 @@ def test_a_filter_keeping_one_photo_returns_exactly_that_photo(photos, ivfpq):
 
 def test_a_filter_keeping_nothing_returns_nothing(photos, ivfpq):
     store, _ = photos
-    scores, found = ivfpq.search(PHOTOS.images(3, seed=26), K, store, allowed_ids=np.array([], dtype=np.int64))
+    scores, found = ivfpq.search(PHOTOS.images(3, seed=26), K, allowed_ids=np.array([], dtype=np.int64))
     assert found.shape == (3, K) and (found == -1).all() and np.isneginf(scores).all()
 
 
 def test_filters_naming_photos_outside_the_index_ignore_them(photos, ivfpq):
     store, _ = photos
     allowed = np.array([5, 6, N + 5, N + 6])  # the last two were never indexed
-    _, found = ivfpq.search(PHOTOS.images(2, seed=27), K, store, allowed_ids=allowed)
+    _, found = ivfpq.search(PHOTOS.images(2, seed=27), K, allowed_ids=allowed)
     assert set(found[found >= 0].tolist()) == {5, 6}
 
 
@@ -581,35 +585,35 @@ def test_unsorted_filters_give_the_same_answer(photos, ivfpq):
     store, _ = photos
     allowed = subset(300, seed=1)
     queries = PHOTOS.images(5, seed=28)
-    np.testing.assert_array_equal(ivfpq.search(queries, K, store, allowed_ids=allowed[::-1])[1],
-                                  ivfpq.search(queries, K, store, allowed_ids=allowed)[1])
+    np.testing.assert_array_equal(ivfpq.search(queries, K, allowed_ids=allowed[::-1])[1],
+                                  ivfpq.search(queries, K, allowed_ids=allowed)[1])
 
 
 # ------------------------------------------------------------------------------------------- overrides
 
 
-def test_set_params_overrides_the_tuned_values_and_is_saved(tmp_path):
+def test_overridden_parameters_replace_the_tuned_values_and_are_saved(tmp_path):
     store, ids = make_store(tmp_path, PHOTOS.images(5000, seed=29))
     index = build_ivfpq(store, ids, nlist=64)
     tuned, image = index.params.query["text"], index.params.query["image"]
-    index.set_params("text", nprobe=64, rerank=32)
+    index.params.override("text", nprobe=64, rerank=32)
     changed = index.params.query["text"]
     assert (changed.nprobe, changed.rerank, changed.source) == (64, 32, "set by caller")
     assert changed.recall_at_10 is None and index.params.query["image"] == image
     index.save(tmp_path / "index")
-    loaded = VectorIndex.load(tmp_path / "index")
+    loaded = VectorIndex.load(tmp_path / "index", store)
     assert loaded is not None and loaded.params.query["text"] == changed
     assert all(band.nprobe == 64 and band.rerank == 32 for band in changed.filtered)
     queries = PHOTOS.texts(100, seed=30)
-    _, found = loaded.search(queries, K, store, kind="text")  # every list scanned, 320 candidates re-ranked
+    _, found = loaded.search(queries, K, kind="text")  # every list scanned, 320 candidates re-ranked
     assert recall_at(found, true_top_k(queries, store, ids)) >= 0.99
     assert tuned.nprobe < 64
 
 
-def test_set_params_can_set_the_filtered_search_alone(photos, ivfpq):
+def test_an_override_can_set_the_filtered_search_alone(photos, ivfpq):
     saved = ivfpq.params.query["image"]
     try:
-        ivfpq.set_params("image", filtered_nprobe=3, filtered_rerank=5)
+        ivfpq.params.override("image", filtered_nprobe=3, filtered_rerank=5)
         changed = ivfpq.params.query["image"]
         assert (changed.nprobe, changed.rerank) == (saved.nprobe, saved.rerank)
         assert changed.filtered == [FilterBand(1.0, 3, 5)]
@@ -622,15 +626,15 @@ def test_search_arguments_override_the_stored_parameters(photos, ivfpq):
     store, ids = photos
     queries = PHOTOS.texts(100, seed=31)
     truth = true_top_k(queries, store, ids)
-    _, rough = ivfpq.search(queries, K, store, kind="text", nprobe=1, rerank=1)
-    _, thorough = ivfpq.search(queries, K, store, kind="text", nprobe=NLIST, rerank=64)
+    _, rough = ivfpq.search(queries, K, kind="text", nprobe=1, rerank=1)
+    _, thorough = ivfpq.search(queries, K, kind="text", nprobe=NLIST, rerank=64)
     assert recall_at(rough, truth) < recall_at(thorough, truth)
     assert recall_at(thorough, truth) >= 0.99
 
 
 def test_combined_queries_take_the_more_thorough_setting_of_each_kind(ivfpq):
     image, text = ivfpq.params.query["image"], ivfpq.params.query["text"]
-    combined = ivfpq._query_params("combined", None, None)
+    combined = ivfpq.params.for_query("combined")
     assert combined.nprobe == max(image.nprobe, text.nprobe)
     assert combined.rerank == max(image.rerank, text.rerank)
     for band in image.filtered:
@@ -641,9 +645,9 @@ def test_combined_queries_take_the_more_thorough_setting_of_each_kind(ivfpq):
 def test_unknown_query_kinds_are_refused(photos, ivfpq):
     store, _ = photos
     with pytest.raises(ValueError, match="unknown query kind"):
-        ivfpq.search(PHOTOS.images(1, seed=32), K, store, kind="audio")
+        ivfpq.search(PHOTOS.images(1, seed=32), K, kind="audio")
     with pytest.raises(ValueError, match="unknown query kind"):
-        ivfpq.set_params("combined", nprobe=2)
+        ivfpq.params.override("combined", nprobe=2)
 
 
 def test_parameters_written_by_an_older_version_still_load():

@@ -17,12 +17,13 @@ import pytest
 from test_index import add_photos, make_library
 
 import clipsearch.index as index_module
-from clipsearch import ondisk
 from clipsearch.errors import IndexFileError, SettingError
 from clipsearch.index import (
     LIST_SLACK,
     PARAMS_FILE,
     TARGET_RECALL,
+    BuildJob,
+    IndexPolicy,
     VectorIndex,
     choose_index,
     escalate,
@@ -33,8 +34,9 @@ from clipsearch.index import (
     recall_at,
     text_like_queries,
 )
+from clipsearch.index import build as build_module
+from clipsearch.index.budget import MEMORY_ENV, default_memory_budget, machine_memory, parse_size, resolve_memory_budget
 from clipsearch.library import Library
-from clipsearch.memory import MEMORY_ENV, default_memory_budget, machine_memory, parse_size, resolve_memory_budget
 from clipsearch.sync import refresh_index
 from clipsearch.vectors import VectorStore
 
@@ -76,14 +78,14 @@ def make_store(folder: Path, vectors: np.ndarray) -> tuple[VectorStore, np.ndarr
 def build(store: VectorStore, ids: np.ndarray, folder: Path | None = None, budget: int | None = BUDGET,
           **options: object) -> VectorIndex:
     plan = ivfpq_plan(len(ids), DIM)
-    return VectorIndex.build(store, ids, text_queries=texts(390, seed=99), plan=plan,  # type: ignore[arg-type]
-                             memory_budget_bytes=budget, folder=folder, **options)
+    return BuildJob(store, ids, text_queries=texts(390, seed=99), plan=plan,  # type: ignore[arg-type]
+                    memory_budget_bytes=budget, folder=folder, **options).run()
 
 
-def same_answers(a: VectorIndex, b: VectorIndex, store: VectorStore, allowed: np.ndarray | None = None) -> bool:
+def same_answers(a: VectorIndex, b: VectorIndex, allowed: np.ndarray | None = None) -> bool:
     queries = np.concatenate([photos(40, seed=5), texts(40, seed=6)])
-    return all(np.array_equal(a.search(queries, K, store, kind=kind, allowed_ids=allowed)[1],
-                              b.search(queries, K, store, kind=kind, allowed_ids=allowed)[1])
+    return all(np.array_equal(a.search(queries, K, kind=kind, allowed_ids=allowed)[1],
+                              b.search(queries, K, kind=kind, allowed_ids=allowed)[1])
                for kind in ("image", "text"))
 
 
@@ -181,8 +183,8 @@ def test_the_sharded_build_gives_the_answers_of_an_in_ram_build(tmp_path, data, 
     assert on_disk.on_disk and not in_ram.on_disk
     assert sum("adding shard" in line for line in said) >= 2
     assert on_disk.params.query == in_ram.params.query, "tuning measured the same index"
-    assert same_answers(on_disk, in_ram, store)
-    assert same_answers(on_disk, in_ram, store, allowed=np.arange(1, N + 1, 3))
+    assert same_answers(on_disk, in_ram)
+    assert same_answers(on_disk, in_ram, allowed=np.arange(1, N + 1, 3))
     (ivfdata,) = (tmp_path / "index").glob("lists-*.ivfdata")
     assert files_in(tmp_path / "index") == [ivfdata.name], "the build's scratch files are gone"
     assert on_disk.ivfdata_bytes() == ivfdata.stat().st_size == N * on_disk.describe()["bytes_per_vector"]
@@ -194,16 +196,16 @@ def test_the_on_disk_index_reaches_its_target_recall_against_brute_force(tmp_pat
     index = build(store, ids, tmp_path / "index")
     queries = photos(300, seed=11) if kind == "image" else texts(300, seed=12)
     truth = exact_search(queries, K, store, ids)[1]
-    assert recall_at(index.search(queries, K, store, kind=kind)[1], truth) >= TARGET_RECALL[kind]
+    assert recall_at(index.search(queries, K, kind=kind)[1], truth) >= TARGET_RECALL[kind]
 
 
 def test_without_a_folder_the_lists_live_in_a_private_folder_until_saved(tmp_path, data, in_ram):
     store, ids = data
     index = build(store, ids, folder=None)
-    private = index._disk.ivfdata.parent  # type: ignore[union-attr]
+    private = index.disk.ivfdata.parent  # type: ignore[union-attr]
     index.save(tmp_path / "index")
     assert not private.exists(), "saving copied the lists next to the index and let the private copy go"
-    assert same_answers(VectorIndex.load(tmp_path / "index"), in_ram, store)  # type: ignore[arg-type]
+    assert same_answers(VectorIndex.load(tmp_path / "index", store), in_ram)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------ files on disk
@@ -222,9 +224,9 @@ def test_save_and_load_round_trip_on_disk(tmp_path, data, in_ram):
     index, folder = saved_on_disk(tmp_path, data)
     saved = json.loads((folder / PARAMS_FILE).read_text())
     assert files_in(folder) == sorted([PARAMS_FILE, saved["index_file"], saved["ivfdata_file"]])
-    loaded = VectorIndex.load(folder)
+    loaded = VectorIndex.load(folder, store)
     assert loaded is not None and loaded.on_disk and loaded.ntotal == N
-    assert same_answers(loaded, in_ram, store)
+    assert same_answers(loaded, in_ram)
     facts = loaded.describe()
     assert facts["on_disk"] is True and facts["ivfdata_bytes"] == saved["ivfdata_bytes"] > 0
 
@@ -235,9 +237,9 @@ def test_a_moved_library_folder_still_loads(tmp_path, data, in_ram):
     moved = tmp_path / "elsewhere" / "library"
     moved.parent.mkdir()
     shutil.move(str(tmp_path / "library"), str(moved))
-    loaded = VectorIndex.load(moved / "index")
+    loaded = VectorIndex.load(moved / "index", store)
     assert loaded is not None and loaded.on_disk
-    assert same_answers(loaded, in_ram, store)
+    assert same_answers(loaded, in_ram)
 
 
 def test_a_truncated_or_missing_lists_file_raises_index_file_error(tmp_path, data):
@@ -246,17 +248,17 @@ def test_a_truncated_or_missing_lists_file_raises_index_file_error(tmp_path, dat
     with open(ivfdata, "r+b") as f:
         f.truncate(ivfdata.stat().st_size // 2)
     with pytest.raises(IndexFileError, match="damaged"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, data[0])
     ivfdata.unlink()
     with pytest.raises(IndexFileError, match="cannot be read"):
-        VectorIndex.load(folder)
+        VectorIndex.load(folder, data[0])
 
 
 # ------------------------------------------------------------------------------- changes to an on-disk index
 
 
 def change(index: VectorIndex, store: VectorStore, new_ids: np.ndarray, gone: np.ndarray) -> None:
-    index.add(store, new_ids)
+    index.add(new_ids)
     index.remove(gone)
 
 
@@ -275,15 +277,15 @@ def test_added_and_removed_vectors_on_disk_match_an_in_ram_index_before_and_afte
     for index in (in_ram, on_disk):
         change(index, store, new_ids, gone)
     assert on_disk.ntotal == in_ram.ntotal == N + 300 - 170
-    assert same_answers(on_disk, in_ram, store)
-    _, found = on_disk.search(store.get(gone), K, store)
+    assert same_answers(on_disk, in_ram)
+    _, found = on_disk.search(store.get(gone), K)
     assert not np.isin(found, gone).any()
 
     on_disk.save(tmp_path / "index")
-    reloaded = VectorIndex.load(tmp_path / "index")
+    reloaded = VectorIndex.load(tmp_path / "index", store)
     assert reloaded is not None and reloaded.on_disk
     np.testing.assert_array_equal(reloaded.ids(), in_ram.ids())
-    assert same_answers(reloaded, in_ram, store)
+    assert same_answers(reloaded, in_ram)
     assert len(list((tmp_path / "index").glob("*.ivfdata"))) == 1, "the replaced lists file was deleted"
 
 
@@ -293,11 +295,11 @@ def test_a_vector_added_again_replaces_its_entry_in_the_file(tmp_path, growing):
     index.save(tmp_path / "index")
     replacement = photos(1, seed=77)
     store.write(np.array([7]), replacement)
-    index.add(store, np.array([7]))
+    index.add(np.array([7]))
     index.save(tmp_path / "index")
-    reloaded = VectorIndex.load(tmp_path / "index")
+    reloaded = VectorIndex.load(tmp_path / "index", store)
     assert reloaded is not None and reloaded.ntotal == N
-    scores, found = reloaded.search(replacement, 1, store)
+    scores, found = reloaded.search(replacement, 1)
     assert found[0, 0] == 7 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -305,9 +307,9 @@ def test_a_reader_keeps_its_lists_file_while_the_writer_saves_a_new_one(tmp_path
     store, ids, new_ids = growing
     writer = build(store, ids, tmp_path / "index")
     writer.save(tmp_path / "index")
-    reader = VectorIndex.load(tmp_path / "index")
+    reader = VectorIndex.load(tmp_path / "index", store)
     assert reader is not None
-    before = reader.search(texts(30, seed=3), K, store, kind="text")[1]
+    before = reader.search(texts(30, seed=3), K, kind="text")[1]
     (old_file,) = (tmp_path / "index").glob("*.ivfdata")
     os.link(old_file, tmp_path / "kept.ivfdata")  # a second name, to look at the file after the writer deletes it
     stat_before, content_before = old_file.stat(), old_file.read_bytes()
@@ -318,7 +320,7 @@ def test_a_reader_keeps_its_lists_file_while_the_writer_saves_a_new_one(tmp_path
     assert not old_file.exists()
     kept = tmp_path / "kept.ivfdata"
     assert kept.read_bytes() == content_before and kept.stat().st_mtime_ns == stat_before.st_mtime_ns
-    np.testing.assert_array_equal(reader.search(texts(30, seed=3), K, store, kind="text")[1], before)
+    np.testing.assert_array_equal(reader.search(texts(30, seed=3), K, kind="text")[1], before)
 
 
 def test_a_reader_brings_an_on_disk_index_in_step_without_writing_anything(tmp_path, growing):
@@ -326,10 +328,10 @@ def test_a_reader_brings_an_on_disk_index_in_step_without_writing_anything(tmp_p
     index = build(store, ids, tmp_path / "index")
     index.save(tmp_path / "index")
     listing = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "index").iterdir()}
-    reader = VectorIndex.load(tmp_path / "index")
+    reader = VectorIndex.load(tmp_path / "index", store)
     assert reader is not None
     change(reader, store, new_ids, ids[:50])
-    _, found = reader.search(store.get(new_ids), K, store)
+    _, found = reader.search(store.get(new_ids), K)
     assert (found[:, 0] == new_ids).mean() >= 0.99
     assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "index").iterdir()} == listing
 
@@ -351,10 +353,10 @@ def test_the_library_index_goes_to_disk_under_a_budget_and_follows_new_photos(tm
     kept = refresh_index(library, caption_encoder, memory_budget_bytes=BUDGET)
     assert kept is not None and kept.on_disk and kept.params.trained_on == N, "added, not retrained"
     assert set(files_in(library.index_dir)).isdisjoint(first - {PARAMS_FILE}), "fresh files, old ones gone"
-    saved = VectorIndex.load(library.index_dir)
+    saved = VectorIndex.load(library.index_dir, library.vectors())
     assert saved is not None and saved.on_disk
     np.testing.assert_array_equal(saved.ids(), library.store.all_ids())
-    _, found = saved.search(library.vectors().get(new_ids), K, library.vectors())
+    _, found = saved.search(library.vectors().get(new_ids), K)
     assert (found[:, 0] == new_ids).mean() >= 0.99
 
 
@@ -394,19 +396,19 @@ def test_a_failure_in_the_middle_of_a_build_leaves_the_saved_index_in_use(tmp_pa
     refresh_index(library, caption_encoder, memory_budget_bytes=BUDGET)
     before = files_in(library.index_dir)
     add_photos(library, photos(300, seed=2))
-    real_write_shards = ondisk.write_shards
+    real_write_shards = build_module.write_shards
 
     def disk_unplugged(*args: object, **kwargs: object) -> list[Path]:
         real_write_shards(*args, **kwargs)  # type: ignore[arg-type]
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(ondisk, "write_shards", disk_unplugged)
+    monkeypatch.setattr(build_module, "write_shards", disk_unplugged)
     with pytest.raises(OSError):
         refresh_index(library, caption_encoder, rebuild=True, memory_budget_bytes=BUDGET)
     assert files_in(library.index_dir) == before, "no shard, scratch folder or half-built lists file is left"
-    kept = VectorIndex.load(library.index_dir)
+    kept = VectorIndex.load(library.index_dir, library.vectors())
     assert kept is not None and kept.on_disk and kept.ntotal == N
-    _, found = kept.search(photos(5, seed=3), K, library.vectors())
+    _, found = kept.search(photos(5, seed=3), K)
     assert (found >= 0).all()
 
 
@@ -474,16 +476,14 @@ def test_index_takes_a_memory_budget_and_refuses_a_bad_one_before_any_work(run_c
     assert json.loads(run_cli("stats", "--json").stdout)["indexed"] == 18
 
 
-def test_a_reader_without_a_saved_index_searches_exactly_at_once(tmp_path, monkeypatch):
-    from clipsearch.index import exact_search
+def test_a_reader_without_a_saved_index_searches_exactly_at_once(tmp_path):
     from clipsearch.sync import load_synced_index
 
-    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 1024)  # so that this small library calls for IVF-PQ
     library = make_library(tmp_path / "lib", photos(N, seed=0))
-    assert index_module.choose_index(N, DIM).kind == "ivfpq"
+    assert choose_index(N, DIM, policy=IndexPolicy(flat_max_bytes=1024)).kind == "ivfpq", "a writer would train"
 
     index = load_synced_index(library, None)
     assert index is not None and index.params.kind == "flat", "exact, not trained and tuned in the reader"
-    assert VectorIndex.load(library.index_dir) is None, "a reader saves nothing"
+    assert VectorIndex.load(library.index_dir, library.vectors()) is None, "a reader saves nothing"
     queries, store, ids = photos(20, seed=9), library.vectors(), library.store.all_ids()
-    np.testing.assert_array_equal(index.search(queries, K, store)[1], exact_search(queries, K, store, ids)[1])
+    np.testing.assert_array_equal(index.search(queries, K)[1], exact_search(queries, K, store, ids)[1])

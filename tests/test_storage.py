@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -111,6 +116,73 @@ def test_second_writer_is_told_clearly(tmp_path):
         holder.wait()
     with library.writer_lock(wait=5):  # released by the kernel when the holder died
         pass
+
+
+FILE_SIZE_LIMIT = 256 * 1024
+
+WRITE_PAST_THE_LIMIT = """
+import json, sys
+import numpy as np
+from clipsearch.errors import LibraryError
+from clipsearch.library import Library
+
+library = Library.open(sys.argv[1])
+said = []
+for count, path_length in ((20_000, 10), (3_000, 400)):  # too many vectors; then too many rows for the WAL
+    records = [{"path": f"/p/{n:0{path_length}d}.jpg", "size": 1, "mtime_ns": 1, "content_hash": str(n)}
+               for n in range(count)]
+    try:
+        library.write_batch(records, np.ones((count, 4), dtype=np.float32), [])
+    except LibraryError as error:
+        said.append(str(error))
+print(json.dumps(said))
+"""
+
+
+def _limit_file_size() -> None:
+    """Writes past FILE_SIZE_LIMIT fail as on a full disk (EFBIG instead of ENOSPC), for this process only."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+def test_a_batch_that_cannot_be_written_is_one_sentence_and_loses_nothing(tmp_path):
+    library = Library.create(tmp_path / "lib")
+    library.bind_model(ModelSpec.parse("local-dir:/models/a"), 4)
+    vectors = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    ids = library.write_batch([_row(0, f"/kept/{n}.jpg") for n in range(10)], vectors,
+                              [{"path": "/kept/bad.jpg", "reason": "truncated", "size": 1, "mtime_ns": 1}])
+    library.close()
+    child = subprocess.run([sys.executable, "-c", WRITE_PAST_THE_LIMIT, str(tmp_path / "lib")], text=True,
+                           capture_output=True, preexec_fn=_limit_file_size, timeout=120)
+    said = json.loads(child.stdout)
+    assert len(said) == 2, child.stderr
+    assert os.strerror(errno.EFBIG) in said[0] and os.strerror(errno.EFBIG) not in said[1], "the OS's, then SQLite's"
+    for message in said:  # the vector file's write fails first, then SQLite's
+        assert message.startswith(f"Could not write to the library at {tmp_path / 'lib'} (")
+        assert message.endswith("); nothing committed was lost, free some disk space and run the same command again.")
+    reopened = Library.open(tmp_path / "lib")
+    assert reopened.store.all_ids().tolist() == ids
+    np.testing.assert_array_equal(reopened.vectors().get(np.array(ids)), vectors)
+    assert reopened.store.errors() == [{"path": "/kept/bad.jpg", "reason": "truncated"}]
+
+
+def test_the_store_reports_damage_that_sqlite_finds(tmp_path):
+    from clipsearch import doctor
+
+    library = Library.create(tmp_path / "lib")
+    with library.store.transaction() as conn:
+        library.store.insert_images([_row(n, f"/photos/{n:0100d}.jpg") for n in range(1, 3000)], conn)
+    assert library.store.integrity_problem() is None
+    library.close()
+    assert not (tmp_path / "lib" / "library.db-wal").exists(), "closing the last connection checkpointed the WAL"
+    data = bytearray((tmp_path / "lib" / "library.db").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 3 * 4096] = bytes(b ^ 0x55 for b in data[middle : middle + 3 * 4096])
+    (tmp_path / "lib" / "library.db").write_bytes(bytes(data))
+    damaged = Library.open(tmp_path / "lib")
+    assert "malformed" in (damaged.store.integrity_problem() or "")
+    problems = doctor.check(damaged).problems
+    assert [p.kind for p in problems] == ["sqlite"] and "malformed" in problems[0].message
 
 
 def _row(image_id: int, path: str, fmt: str = "JPEG", **extra: object) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""How much memory an index build may use: sizes as people write them, and where the budget comes from.
+"""How much memory an index build may use: where the budget comes from, and sizes as people write them.
 
 The budget, in bytes, is the first of:
 
@@ -7,7 +7,7 @@ The budget, in bytes, is the first of:
 3. half of the machine's memory: physical RAM, or the container's memory limit (cgroup) when that is lower.
    Half leaves the rest to the operating system, the page cache that serves the memory-mapped vectors and the
    on-disk index, and whatever else runs; a build that needs more goes to disk in shards instead
-   (`clipsearch.index`).
+   (`clipsearch.index.build`; how a build splits its budget is `clipsearch.index.memory`).
 
 Sizes: a number of bytes (``1073741824``), or a number with a unit, case-insensitive, with or without a space:
 ``kB MB GB TB`` are powers of 1000, ``KiB MiB GiB TiB`` powers of 1024, and the one-letter ``K M G T`` powers of
