@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def main() -> None:
     if args.command == "export":
         export_weights(Path(args.folder), args.seed)
         return
+    # A stopped run still removes its scratch libraries (SIGTERM otherwise skips the `with` block's cleanup).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cache = Path(args.cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     rclip = ensure_rclip(cache, args.rclip_version, args.rclip_python)
@@ -496,10 +499,16 @@ def measure(command: list[str], cwd: Path, extra_env: dict[str, str]) -> Run:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr)
         poller = TreeRss(process.pid)
-        stdout = process.stdout.read() if process.stdout else b""
-        _pid, status, usage = os.wait4(process.pid, 0)
+        try:
+            stdout = process.stdout.read() if process.stdout else b""
+            _pid, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # stopped meanwhile: the measured tool stops too
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            poller.stop()
         wall = time.perf_counter() - started
-        poller.stop()
         Others.child_cpu_s += usage.ru_utime + usage.ru_stime
         if status != 0:
             stderr.seek(0)
